@@ -46,6 +46,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Self::with_limit(inner, MAX_FRAME_LEN)
     }
 
+    /// Resumes reading frames from `inner` after `buffered`, bytes that an earlier reader
+    /// had read ahead (see [`FrameReader::into_parts`]).
+    pub fn from_parts(inner: R, buffered: Vec<u8>) -> Self {
+        FrameReader {
+            inner,
+            buf: buffered,
+            pos: 0,
+            max: MAX_FRAME_LEN,
+        }
+    }
+
     pub fn with_limit(inner: R, max: usize) -> Self {
         FrameReader {
             inner,

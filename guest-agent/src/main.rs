@@ -1,0 +1,53 @@
+//! `hearth-agent`: the agent that runs inside every hearth guest.
+
+use anyhow::Context;
+use clap::Parser;
+use hearth_protocol::Endpoint;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(version, about = "The hearth guest agent")]
+struct Args {
+    /// Where to listen: unix:/path or vsock:CID:PORT (vsock:any:PORT for every CID).
+    #[arg(long, env = "HEARTH_AGENT_LISTEN", default_value = "unix:/run/hearth/agent.sock")]
+    listen: Endpoint,
+    /// File holding the guest's secret (32 raw bytes or 64 hex digits, mode 0600).
+    #[arg(long, env = "HEARTH_AGENT_SECRET_FILE", default_value = "/etc/hearth/agent.secret")]
+    secret_file: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let secret = hearth_agent::secret::load(&args.secret_file)?;
+    // One thread for the event loop keeps the agent small; file copies and other
+    // blocking work go to the blocking pool.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    rt.block_on(async {
+        if let Endpoint::Unix(path) = &args.listen {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("create {}", dir.display()))?;
+            }
+        }
+        let listener = args.listen.listen().await?;
+        tracing::info!(
+            "hearth-agent {} listening on {}",
+            hearth_agent::AGENT_VERSION,
+            args.listen
+        );
+        let agent = hearth_agent::Agent::new(secret);
+        hearth_agent::server::serve(listener, agent)
+            .await
+            .context("serve")
+    })
+}
