@@ -1,1 +1,5 @@
+//! The hearth node control plane. This crate holds the host's client for guest agents
+//! ([`agents`]) and the benchmarks; `hearthd`'s services join it as they are built.
 
+pub mod agents;
+pub mod bench;
