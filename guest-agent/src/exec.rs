@@ -159,26 +159,51 @@ impl Execs {
     }
 }
 
-/// Kills (unless detached) and always reaps a child that is dropped before it was waited
-/// for: the request was aborted because its connection went away.
-struct ChildGuard {
+/// A spawned process and everything that serves it. Dropping it before the process was
+/// waited for (the request was aborted because its connection went away) kills the process
+/// group unless it was detached, and hands the rest to a task that reaps the process,
+/// keeps draining its output so it never dies of SIGPIPE, and unregisters it.
+struct Running {
     child: Option<Child>,
     pgid: i32,
-    kill: bool,
+    detached: bool,
+    pumps: tokio::task::JoinSet<()>,
+    exited: watch::Sender<bool>,
+    execs: Arc<Execs>,
+    exec_id: u64,
 }
 
-impl Drop for ChildGuard {
+impl Running {
+    /// Marks the process exited and waits for its output to drain.
+    async fn finish(&mut self) {
+        let _ = self.exited.send(true);
+        while self.pumps.join_next().await.is_some() {}
+    }
+}
+
+impl Drop for Running {
     fn drop(&mut self) {
         let Some(mut child) = self.child.take() else {
+            self.execs.remove(self.exec_id);
             return;
         };
-        if self.kill {
+        if !self.detached {
             kill_group(self.pgid);
         }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = child.wait().await;
-            });
+        let mut pumps = std::mem::take(&mut self.pumps);
+        let exited = self.exited.clone();
+        let (execs, exec_id) = (self.execs.clone(), self.exec_id);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let _ = child.wait().await;
+                    let _ = exited.send(true);
+                    while pumps.join_next().await.is_some() {}
+                    execs.remove(exec_id);
+                });
+            }
+            // No runtime: the process is shutting down; nothing is left to reap for.
+            Err(_) => execs.remove(exec_id),
         }
     }
 }
@@ -274,7 +299,9 @@ fn build_command(
                     .map(Stdio::from)
                     .map_err(|e| Error::from_io(&e, "pty"))
             };
-            cmd.stdin(dup(slave)?).stdout(dup(slave)?).stderr(dup(slave)?);
+            cmd.stdin(dup(slave)?)
+                .stdout(dup(slave)?)
+                .stderr(dup(slave)?);
         }
         None => {
             cmd.stdin(match req.stdio {
@@ -334,12 +361,10 @@ pub async fn run(
         .transpose()
         .map_err(|e| Error::from_io(&e, "open pty"))?;
     let mut cmd = build_command(&req, &id, pty.as_ref().map(|p| &p.slave))?;
-    let mut child = tokio::process::Command::from(std::mem::replace(
-        &mut cmd,
-        std::process::Command::new("/"),
-    ))
-    .spawn()
-    .map_err(|e| Error::from_io(&e, &req.argv[0]))?;
+    let mut child =
+        tokio::process::Command::from(std::mem::replace(&mut cmd, std::process::Command::new("/")))
+            .spawn()
+            .map_err(|e| Error::from_io(&e, &req.argv[0]))?;
     // A spawned child always has a pid until it is waited for.
     let pid = child.id().unwrap_or(0) as i32;
 
@@ -347,71 +372,67 @@ pub async fn run(
         drop(p.slave);
         Arc::new(p.master)
     });
-    let stdin = match (&master, child.stdin.take()) {
-        (Some(m), _) => Some(StdinSink::Pty(m.clone())),
-        (None, Some(pipe)) if req.stdio == StdioMode::Events => Some(StdinSink::Pipe(pipe)),
-        (None, pipe) => {
-            // Stream mode keeps the pipe for the attached stream.
-            child.stdin = pipe;
-            None
-        }
+    let (stdin_pipe, stdout, stderr) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    let (stdin_sink, stream_stdin) = match (&master, req.stdio) {
+        (Some(m), _) => (Some(StdinSink::Pty(m.clone())), None),
+        (None, StdioMode::Events) => (stdin_pipe.map(StdinSink::Pipe), None),
+        // Stream mode hands the pipe to the attached stream.
+        (None, StdioMode::Stream) => (None, stdin_pipe),
+        (None, StdioMode::NullStdin) => (None, None),
     };
     let (attach_tx, attach_rx) = oneshot::channel();
-    let entry = Entry {
+    let exec_id = execs.insert(Entry {
         pid,
-        stdin: tokio::sync::Mutex::new(stdin),
+        stdin: tokio::sync::Mutex::new(stdin_sink),
         pty: master.clone(),
         attach: Mutex::new((req.stdio == StdioMode::Stream).then_some(attach_tx)),
-    };
-    let exec_id = execs.insert(entry);
-    let _unregister = Unregister { execs, exec_id };
-    let mut guard = ChildGuard {
+    });
+    let (exited_tx, exited_rx) = watch::channel(false);
+    let mut running = Running {
+        child: Some(child),
         pgid: pid,
-        kill: !req.detached,
-        child: None,
+        detached: req.detached,
+        pumps: tokio::task::JoinSet::new(),
+        exited: exited_tx,
+        execs: execs.clone(),
+        exec_id,
     };
-
-    let (exited_tx, exited_rx) = tokio::sync::watch::channel(false);
-    let mut pumps = tokio::task::JoinSet::new();
-    let spawn_pump = |pumps: &mut tokio::task::JoinSet<()>, src: Source, make: fn(Vec<u8>) -> Event| {
-        let mut sink = Sink::Events(events.clone(), make);
-        let exited = exited_rx.clone();
-        pumps.spawn(async move { pump(src, &mut sink, exited).await });
-    };
-    match &master {
-        Some(m) => {
-            spawn_pump(&mut pumps, Source::Pty(m.clone()), Event::Stdout);
-        }
-        None => {
-            if let Some(err) = child.stderr.take() {
-                spawn_pump(&mut pumps, Source::Pipe(Box::new(err)), Event::Stderr);
-            }
-            let stdout = child.stdout.take();
-            if req.stdio == StdioMode::Stream {
-                let stdin = child.stdin.take();
-                let exited = exited_rx.clone();
-                pumps.spawn(pipe_stream(attach_rx, stdin, stdout, exited));
-            } else if let Some(out) = stdout {
-                spawn_pump(&mut pumps, Source::Pipe(Box::new(out)), Event::Stdout);
-            }
-        }
-    }
+    // Started goes out before any output can.
     events
         .send(Event::Started {
             exec_id,
             pid: pid as u32,
         })
         .await;
+    let pumps = &mut running.pumps;
+    let spawn_pump = |pumps: &mut tokio::task::JoinSet<()>, src, make| {
+        let mut sink = Sink::Events(events.clone(), make);
+        let exited = exited_rx.clone();
+        pumps.spawn(async move { pump(src, &mut sink, exited).await });
+    };
+    if let Some(m) = &master {
+        spawn_pump(pumps, Source::Pty(m.clone()), Event::Stdout);
+    }
+    if let Some(err) = stderr {
+        spawn_pump(pumps, Source::Pipe(Box::new(err)), Event::Stderr);
+    }
+    match (req.stdio, stdout) {
+        (StdioMode::Stream, out) => {
+            pumps.spawn(pipe_stream(attach_rx, stream_stdin, out, exited_rx.clone()));
+        }
+        (_, Some(out)) => spawn_pump(pumps, Source::Pipe(Box::new(out)), Event::Stdout),
+        (_, None) => {}
+    }
 
-    guard.child = Some(child);
     let deadline = req
         .timeout_ms
         .map(|ms| Instant::now() + Duration::from_millis(ms));
     let mut timed_out = false;
     let mut cancelled = false;
     let status = loop {
-        // The guard owns the child so that dropping this future reaps it.
-        let Some(child) = guard.child.as_mut() else {
+        // `running` owns the child so that dropping this future still reaps it.
+        let Some(child) = running.child.as_mut() else {
             return Err(Error::internal("child vanished"));
         };
         tokio::select! {
@@ -426,26 +447,14 @@ pub async fn run(
             }
         }
     };
-    guard.child = None;
+    running.child = None;
     let status = status.map_err(|e| Error::from_io(&e, "wait"))?;
-    let _ = exited_tx.send(true);
-    while pumps.join_next().await.is_some() {}
+    running.finish().await;
     Ok(ExitStatus {
         code: status.code(),
         signal: status.signal(),
         timed_out,
     })
-}
-
-struct Unregister<'a> {
-    execs: &'a Execs,
-    exec_id: u64,
-}
-
-impl Drop for Unregister<'_> {
-    fn drop(&mut self) {
-        self.execs.remove(self.exec_id);
-    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -490,6 +499,7 @@ impl Sink {
 async fn pump(mut src: Source, sink: &mut Sink, mut exited: watch::Receiver<bool>) {
     let mut buf = vec![0u8; OUTPUT_CHUNK];
     let mut draining = *exited.borrow();
+    let mut discarding = false;
     loop {
         let read = if draining {
             match timeout(DRAIN_QUIET, src.read(&mut buf)).await {
@@ -508,8 +518,10 @@ async fn pump(mut src: Source, sink: &mut Sink, mut exited: watch::Receiver<bool
         match read {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if !sink.write(&buf[..n]).await {
-                    return;
+                // A gone client stops the copying, not the reading: a detached process
+                // must not die of SIGPIPE because nobody listens any more.
+                if !discarding && !sink.write(&buf[..n]).await {
+                    discarding = true;
                 }
             }
         }

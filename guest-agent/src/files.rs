@@ -194,7 +194,9 @@ pub fn rename(from: &str, to: &str) -> Result<(), Error> {
 pub fn chmod(path: &str, mode: u32) -> Result<(), Error> {
     let p = guest_path(path)?;
     if mode & !0o7777 != 0 {
-        return Err(Error::invalid(format!("mode {mode:o} has bits beyond 7777")));
+        return Err(Error::invalid(format!(
+            "mode {mode:o} has bits beyond 7777"
+        )));
     }
     fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(|e| io_err(e, &p))
 }
@@ -243,7 +245,10 @@ mod tests {
         assert_eq!(read_file(&f, 0, 100).unwrap(), b"hello world");
         assert_eq!(read_file(&f, 6, 3).unwrap(), b"wor");
         let st = stat(&f, true).unwrap();
-        assert_eq!((st.file_type, st.size, st.mode), (FileType::File, 11, 0o600));
+        assert_eq!(
+            (st.file_type, st.size, st.mode),
+            (FileType::File, 11, 0o600)
+        );
         let new = WriteOptions {
             mode: WriteMode::CreateNew,
             ..Default::default()

@@ -9,10 +9,18 @@ use std::path::PathBuf;
 #[command(version, about = "The hearth guest agent")]
 struct Args {
     /// Where to listen: unix:/path or vsock:CID:PORT (vsock:any:PORT for every CID).
-    #[arg(long, env = "HEARTH_AGENT_LISTEN", default_value = "unix:/run/hearth/agent.sock")]
+    #[arg(
+        long,
+        env = "HEARTH_AGENT_LISTEN",
+        default_value = "unix:/run/hearth/agent.sock"
+    )]
     listen: Endpoint,
     /// File holding the guest's secret (32 raw bytes or 64 hex digits, mode 0600).
-    #[arg(long, env = "HEARTH_AGENT_SECRET_FILE", default_value = "/etc/hearth/agent.secret")]
+    #[arg(
+        long,
+        env = "HEARTH_AGENT_SECRET_FILE",
+        default_value = "/etc/hearth/agent.secret"
+    )]
     secret_file: PathBuf,
 }
 

@@ -51,9 +51,7 @@ impl PtyMaster {
             let mut guard = self.0.readable().await?;
             match guard.try_io(|fd| {
                 // SAFETY: reading into a valid, exclusively borrowed buffer.
-                let n = unsafe {
-                    libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
-                };
+                let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {

@@ -219,7 +219,9 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Response, Error> {
             exec_id,
             signal,
             group,
-        } => execs.signal(exec_id, signal, group).map(|()| Response::Done),
+        } => execs
+            .signal(exec_id, signal, group)
+            .map(|()| Response::Done),
         Request::ExecResize { exec_id, size } => {
             execs.resize(exec_id, size).map(|()| Response::Done)
         }
@@ -255,4 +257,3 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Response, Error> {
         }
     }
 }
-

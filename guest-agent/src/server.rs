@@ -14,13 +14,19 @@ use tokio::io::AsyncWriteExt;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves until the listener fails for good. Each connection gets its own task, so a bad
-/// client only ever loses its own connection.
+/// client only ever loses its own connection. The tasks belong to this future: dropping
+/// it closes every connection, as a real agent exit would.
 pub async fn serve(listener: Listener, agent: Arc<Agent>) -> std::io::Result<()> {
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        match accepted {
             Ok(conn) => {
                 let agent = agent.clone();
-                tokio::spawn(async move {
+                conns.spawn(async move {
                     if let Err(e) = handle_conn(agent, conn).await {
                         tracing::warn!("connection closed: {e}");
                     }
@@ -142,7 +148,11 @@ async fn open_stream(
                 Ok(f) => f,
                 Err(e) => return refuse(&mut reader, e).await,
             };
-            send(&mut reader, &OpenReply::Ok(Opened::FileRead { len: file.len })).await?;
+            send(
+                &mut reader,
+                &OpenReply::Ok(Opened::FileRead { len: file.len }),
+            )
+            .await?;
             let (conn, _) = reader.into_parts();
             transfer::send_file(conn, file).await?;
         }

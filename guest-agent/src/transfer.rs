@@ -27,9 +27,14 @@ pub async fn open_read(path: String, offset: u64, len: Option<u64>) -> Result<Re
     blocking(move || {
         let p = files::guest_path(&path)?;
         let file = File::open(&p).map_err(|e| Error::from_io(&e, p.display()))?;
-        let md = file.metadata().map_err(|e| Error::from_io(&e, p.display()))?;
+        let md = file
+            .metadata()
+            .map_err(|e| Error::from_io(&e, p.display()))?;
         if !md.is_file() {
-            return Err(Error::invalid(format!("{} is not a regular file", p.display())));
+            return Err(Error::invalid(format!(
+                "{} is not a regular file",
+                p.display()
+            )));
         }
         let avail = md.len().saturating_sub(offset);
         Ok(ReadFile {
@@ -202,4 +207,3 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: both descriptors were just created and are owned by nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
-

@@ -41,7 +41,9 @@ pub enum Opened {
     Rpc,
     /// For a file read: how many bytes will follow, so the client can tell a complete
     /// transfer from a cut one.
-    FileRead { len: u64 },
+    FileRead {
+        len: u64,
+    },
     FileWrite,
     ExecStdio,
 }

@@ -304,7 +304,12 @@ mod tests {
 
     #[test]
     fn parses_and_prints_every_form() {
-        for s in ["unix:/run/a.sock", "vsock:3:1024", "vsock:any:5", "hvsock:/v/s.sock:52"] {
+        for s in [
+            "unix:/run/a.sock",
+            "vsock:3:1024",
+            "vsock:any:5",
+            "hvsock:/v/s.sock:52",
+        ] {
             assert_eq!(s.parse::<Endpoint>().unwrap().to_string(), s);
         }
         assert_eq!(
@@ -314,7 +319,14 @@ mod tests {
                 port: 9
             }
         );
-        for bad in ["", "unix:", "vsock:3", "vsock:x:1", "hvsock::3", "tcp:1.2.3.4:5"] {
+        for bad in [
+            "",
+            "unix:",
+            "vsock:3",
+            "vsock:x:1",
+            "hvsock::3",
+            "tcp:1.2.3.4:5",
+        ] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
         }
     }

@@ -84,10 +84,18 @@ fn io_kind(err: &std::io::Error) -> ErrorKind {
             libc::ENOENT | libc::ESRCH => ErrorKind::NotFound,
             libc::EEXIST | libc::ENOTEMPTY => ErrorKind::AlreadyExists,
             libc::EACCES | libc::EPERM | libc::EROFS => ErrorKind::PermissionDenied,
-            libc::EINVAL | libc::ENOTDIR | libc::EISDIR | libc::ENAMETOOLONG | libc::ELOOP
+            libc::EINVAL
+            | libc::ENOTDIR
+            | libc::EISDIR
+            | libc::ENAMETOOLONG
+            | libc::ELOOP
             | libc::EXDEV => ErrorKind::InvalidArgument,
             libc::EBUSY | libc::ETXTBSY | libc::EAGAIN => ErrorKind::Busy,
-            libc::ENOSPC | libc::EDQUOT | libc::EMFILE | libc::ENFILE | libc::ENOMEM
+            libc::ENOSPC
+            | libc::EDQUOT
+            | libc::EMFILE
+            | libc::ENFILE
+            | libc::ENOMEM
             | libc::EFBIG => ErrorKind::ResourceExhausted,
             libc::ENOSYS | libc::EOPNOTSUPP => ErrorKind::Unsupported,
             libc::ETIMEDOUT => ErrorKind::TimedOut,

@@ -116,7 +116,10 @@ pub enum Response {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     /// The process is running; `exec_id` names it in later requests.
-    Started { exec_id: u64, pid: u32 },
+    Started {
+        exec_id: u64,
+        pid: u32,
+    },
     Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
     Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
 }

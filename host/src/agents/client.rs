@@ -116,7 +116,9 @@ impl AgentClient {
         self.refill();
         if let Some(h) = pooled {
             match h.open(&open).await {
-                Ok((opened, conn, buffered)) => return Ok(AgentStream::new(opened, conn, buffered)),
+                Ok((opened, conn, buffered)) => {
+                    return Ok(AgentStream::new(opened, conn, buffered))
+                }
                 // A pooled connection may have died with an agent restart: dial afresh.
                 Err(e) if e.is_connection() => {}
                 Err(e) => return Err(e),

@@ -1,0 +1,346 @@
+//! `hearth bench agent`: drives a real `hearth-agent` process over its unix socket and
+//! sets each figure beside its floor (see [`super::floor`]).
+
+use super::floor;
+use super::stats::{gbps, percentile, round3, sort_samples, warmup};
+use crate::agents::{AgentClient, ClientOptions};
+use anyhow::{bail, ensure, Context};
+use hearth_protocol::files::WriteOptions;
+use hearth_protocol::{Endpoint, Secret};
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+
+/// How long a freshly started agent gets to answer its first ping.
+const AGENT_START_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct AgentBenchOptions {
+    pub agent_bin: PathBuf,
+    /// Sequential Ping RPCs, and as many floor ping-pongs.
+    pub rpc_iters: usize,
+    /// Execs of `/bin/true` through the agent, and as many direct spawns.
+    pub exec_iters: usize,
+    /// Bytes written and read back through the agent, and pushed through the raw socket.
+    pub file_bytes: u64,
+    /// Parent of the scratch directory (a fresh subdirectory is created in it and removed
+    /// at the end, so nothing already there is touched); default `/tmp`. Its filesystem is
+    /// the one the file benchmark writes to.
+    pub dir: Option<PathBuf>,
+    /// The floor peer's command line, to which `--mode M --socket S` is appended.
+    /// Configurable so tests (which cannot be `hearth bench peer`) can supply their own.
+    pub peer_cmd: Vec<String>,
+}
+
+impl Default for AgentBenchOptions {
+    fn default() -> Self {
+        let exe = std::env::current_exe().ok();
+        // Installed side by side, as the release archive lays them out.
+        let agent_bin = exe
+            .as_deref()
+            .and_then(Path::parent)
+            .map(|d| d.join("hearth-agent"))
+            .unwrap_or_else(|| PathBuf::from("hearth-agent"));
+        let hearth = exe
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "hearth".into());
+        AgentBenchOptions {
+            agent_bin,
+            rpc_iters: 20_000,
+            exec_iters: 300,
+            file_bytes: 1 << 30,
+            dir: None,
+            peer_cmd: vec![hearth, "bench".into(), "peer".into()],
+        }
+    }
+}
+
+/// The scratch directory; removed on drop so an error part-way leaves nothing behind.
+struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    fn create(parent: &Path) -> anyhow::Result<Scratch> {
+        let path = parent.join(format!(
+            "hearth-bench-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        // 0700: the directory holds the agent's secret and a socket that execs commands.
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("create the scratch directory {}", path.display()))?;
+        Ok(Scratch { path })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The agent under test. Dropping it kills exactly this process, by PID.
+struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    fn start(bin: &Path, socket: &Path, secret_file: &Path, log: PathBuf) -> anyhow::Result<Self> {
+        let log_file = std::fs::File::create(&log)
+            .with_context(|| format!("create the agent log {}", log.display()))?;
+        let child = Command::new(bin)
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .arg("--secret-file")
+            .arg(secret_file)
+            .stdin(Stdio::null())
+            // Our stdout carries the benchmark's JSON; the agent's log goes to a file that
+            // is shown if the agent fails.
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("start the agent {}", bin.display()))?;
+        Ok(AgentProcess { child, log })
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Pings until the agent answers. Polling the process as well turns an agent that
+    /// dies at start-up into an immediate error with its log, not a connect timeout.
+    async fn wait_ready(&mut self, client: &AgentClient) -> anyhow::Result<()> {
+        let deadline = Instant::now() + AGENT_START_DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().context("poll the agent")? {
+                bail!(
+                    "the agent exited with {status} at start-up:\n{}",
+                    self.log_tail()
+                );
+            }
+            match client.ping().await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_connection() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("the agent did not answer:\n{}", self.log_tail()))
+                }
+            }
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a fresh random secret as 64 hex digits, mode 0600 from the start (the agent
+/// refuses a secret file others can read, and it should never be readable even briefly).
+fn write_secret(path: &Path) -> anyhow::Result<Secret> {
+    let secret = Secret(rand::random::<[u8; 32]>());
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(secret.to_hex().as_bytes())
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(secret)
+}
+
+/// Runs blocking floor code off the runtime thread, so the agent client's background
+/// tasks are not frozen for the duration.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("a floor measurement panicked")?
+}
+
+/// p50 and p99 of unsorted samples.
+fn p50_p99(mut samples: Vec<f64>) -> anyhow::Result<(f64, f64)> {
+    sort_samples(&mut samples);
+    let p50 = percentile(&samples, 50.0).context("no samples")?;
+    let p99 = percentile(&samples, 99.0).context("no samples")?;
+    Ok((p50, p99))
+}
+
+fn ratio(x: f64, floor: f64) -> f64 {
+    round3(x / floor)
+}
+
+pub async fn run_agent_bench(opts: &AgentBenchOptions) -> anyhow::Result<serde_json::Value> {
+    ensure!(opts.rpc_iters > 0, "rpc_iters must be at least 1");
+    ensure!(opts.exec_iters > 0, "exec_iters must be at least 1");
+    ensure!(opts.file_bytes > 0, "file_bytes must be at least 1");
+    ensure!(
+        opts.agent_bin.is_file(),
+        "no agent binary at {}",
+        opts.agent_bin.display()
+    );
+
+    let parent = opts.dir.clone().unwrap_or_else(|| PathBuf::from("/tmp"));
+    // Declared first so it is dropped last, after the agent that uses it is gone.
+    let scratch = Scratch::create(&parent)?;
+    let socket = scratch.path.join("agent.sock");
+    let secret_file = scratch.path.join("secret");
+    let secret = write_secret(&secret_file)?;
+    let mut agent = AgentProcess::start(
+        &opts.agent_bin,
+        &socket,
+        &secret_file,
+        scratch.path.join("agent.log"),
+    )?;
+    // A short connect deadline lets wait_ready notice a dead agent quickly; the agent is
+    // local, so once it is up a connection never needs long.
+    let client = AgentClient::with_options(
+        Endpoint::Unix(socket),
+        secret,
+        ClientOptions {
+            connect_deadline: Duration::from_millis(200),
+            initial_backoff: Duration::from_millis(2),
+            ..ClientOptions::default()
+        },
+    );
+    agent.wait_ready(&client).await?;
+
+    // Latency: Ping RPCs against the raw ping-pong.
+    let peer_cmd = opts.peer_cmd.clone();
+    let echo_sock = scratch.path.join("floor-echo.sock");
+    let rpc_iters = opts.rpc_iters;
+    let floor_rtt =
+        blocking(move || floor::echo_rtts_us(&peer_cmd, &echo_sock, rpc_iters, warmup(rpc_iters)))
+            .await?;
+    let (floor_rtt_p50, _) = p50_p99(floor_rtt)?;
+    let rpc_rtt = rpc_rtts_us(&client, opts.rpc_iters).await?;
+    let (rpc_p50, rpc_p99) = p50_p99(rpc_rtt)?;
+
+    // Exec: /bin/true through the agent against spawning it here.
+    let exec_iters = opts.exec_iters;
+    let spawn = blocking(move || floor::spawn_true_ms(exec_iters, warmup(exec_iters))).await?;
+    let (spawn_p50, _) = p50_p99(spawn)?;
+    let exec = exec_true_ms(&client, opts.exec_iters).await?;
+    let (exec_p50, _) = p50_p99(exec)?;
+
+    // Bulk: a file through the agent's streams against the raw socket.
+    let peer_cmd = opts.peer_cmd.clone();
+    let sink_sock = scratch.path.join("floor-sink.sock");
+    let bytes = opts.file_bytes;
+    let uds = blocking(move || floor::uds_throughput(&peer_cmd, &sink_sock, bytes)).await?;
+    let floor_uds_gbps = gbps(bytes, uds);
+    let data = scratch.path.join("data");
+    let (write, read) = file_round_trip(&client, &data, bytes).await?;
+    let write_gbps = gbps(bytes, write);
+    let read_gbps = gbps(bytes, read);
+
+    drop(client);
+    drop(agent);
+    drop(scratch);
+
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    Ok(serde_json::json!({
+        "rpc_rtt_us_p50": round3(rpc_p50),
+        "rpc_rtt_us_p99": round3(rpc_p99),
+        "floor_rtt_us_p50": round3(floor_rtt_p50),
+        "exec_true_ms_p50": round3(exec_p50),
+        "floor_spawn_ms_p50": round3(spawn_p50),
+        "file_write_gbps": round3(write_gbps),
+        "file_read_gbps": round3(read_gbps),
+        "floor_uds_gbps": round3(floor_uds_gbps),
+        "rpc_vs_floor": ratio(rpc_p50, floor_rtt_p50),
+        "exec_vs_floor": ratio(exec_p50, spawn_p50),
+        "write_vs_floor": ratio(write_gbps, floor_uds_gbps),
+        "read_vs_floor": ratio(read_gbps, floor_uds_gbps),
+        "rpc_iters": opts.rpc_iters,
+        "exec_iters": opts.exec_iters,
+        "file_bytes": opts.file_bytes,
+        "cpus": cpus,
+    }))
+}
+
+/// Sequential Ping round trips in microseconds (unsorted). Sequential on purpose: this is
+/// the latency of one call, not the throughput of a pipelined connection.
+async fn rpc_rtts_us(client: &AgentClient, iters: usize) -> anyhow::Result<Vec<f64>> {
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..warmup(iters) + iters {
+        let t = Instant::now();
+        client.ping().await.context("ping the agent")?;
+        let elapsed = t.elapsed();
+        if i >= warmup(iters) {
+            samples.push(elapsed.as_secs_f64() * 1e6);
+        }
+    }
+    Ok(samples)
+}
+
+/// `/bin/true` through the agent until its exit status is back, in milliseconds
+/// (unsorted).
+async fn exec_true_ms(client: &AgentClient, iters: usize) -> anyhow::Result<Vec<f64>> {
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..warmup(iters) + iters {
+        let t = Instant::now();
+        let out = client
+            .run(&["/bin/true"])
+            .await
+            .context("exec /bin/true through the agent")?;
+        let elapsed = t.elapsed();
+        ensure!(
+            out.status.is_some() && out.code() == 0,
+            "/bin/true through the agent ended with {:?}",
+            out.status
+        );
+        if i >= warmup(iters) {
+            samples.push(elapsed.as_secs_f64() * 1e3);
+        }
+    }
+    Ok(samples)
+}
+
+/// Writes `bytes` to `path` through the agent (into the page cache: no fsync, so this
+/// measures the transfer path, not the disk) and reads them back into a sink.
+async fn file_round_trip(
+    client: &Arc<AgentClient>,
+    path: &Path,
+    bytes: u64,
+) -> anyhow::Result<(Duration, Duration)> {
+    let guest_path = path.to_str().context("the scratch path is not UTF-8")?;
+    // Generated, not read from a file, so the source costs no I/O of its own.
+    let mut src = tokio::io::repeat(0x5a).take(bytes);
+    let t = Instant::now();
+    let written = client
+        .put(guest_path, &mut src, WriteOptions::default())
+        .await
+        .context("write the file through the agent")?;
+    let write = t.elapsed();
+    ensure!(
+        written == bytes,
+        "the agent wrote {written} of {bytes} bytes"
+    );
+
+    let t = Instant::now();
+    let read = client
+        .get(guest_path, &mut tokio::io::sink())
+        .await
+        .context("read the file through the agent")?;
+    let read_time = t.elapsed();
+    ensure!(read == bytes, "the agent sent {read} of {bytes} bytes");
+    Ok((write, read_time))
+}

@@ -1,0 +1,671 @@
+//! The agent served in-process over a unix socket, driven through the host's client.
+//! No root needed (a few checks that switch users run only as root).
+
+use hearth_host::agents::{AgentError, ExecEvent};
+use hearth_protocol::exec::{ExecRequest, StdioMode, WinSize};
+use hearth_protocol::files::WriteOptions;
+use hearth_protocol::frame::encode;
+use hearth_protocol::handshake::{preamble, Hello, HelloReply, Refusal, MAGIC};
+use hearth_protocol::{ErrorKind, Request, Response, Secret};
+use hearth_tests::TestAgent;
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+fn argv(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_echo_returns_output_and_status() {
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let out = c.run(&["echo", "hello", "world"]).await.unwrap();
+    assert_eq!(out.stdout, b"hello world\n");
+    assert!(out.stderr.is_empty());
+    assert!(out.status.unwrap().success());
+
+    let out = c.run(&["sh", "-c", "echo err >&2; exit 3"]).await.unwrap();
+    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(out.status.unwrap().code, Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_reports_signals_timeouts_and_cancellation() {
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let out = c.run(&["sh", "-c", "kill -TERM $$"]).await.unwrap();
+    let st = out.status.unwrap();
+    assert_eq!((st.code, st.signal), (None, Some(libc::SIGTERM)));
+
+    let s = c
+        .exec(ExecRequest {
+            argv: argv(&["sleep", "30"]),
+            stdio: StdioMode::NullStdin,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    s.signal(libc::SIGUSR1, false).await.unwrap();
+    let st = s.wait().await.unwrap().status.unwrap();
+    assert_eq!(st.signal, Some(libc::SIGUSR1));
+
+    let started = std::time::Instant::now();
+    let out = c
+        .exec(ExecRequest {
+            argv: argv(&["sleep", "30"]),
+            timeout_ms: Some(200),
+            stdio: StdioMode::NullStdin,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    let st = out.status.unwrap();
+    assert!(st.timed_out);
+    assert_eq!(st.signal, Some(libc::SIGKILL));
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    let s = c
+        .exec(ExecRequest {
+            argv: argv(&["sleep", "30"]),
+            stdio: StdioMode::NullStdin,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    s.cancel().await.unwrap();
+    let st = s.wait().await.unwrap().status.unwrap();
+    assert_eq!(st.signal, Some(libc::SIGKILL));
+    assert!(!st.timed_out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cat_round_trips_10_mib_of_stdin_as_events() {
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let mut s = c
+        .exec(ExecRequest {
+            argv: argv(&["cat"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let data: Vec<u8> = (0..10 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let sent = Sha256::digest(&data);
+    let exec_id = s.exec_id;
+    let c2 = c.clone();
+    let chunks: Vec<Vec<u8>> = data.chunks(128 * 1024).map(|c| c.to_vec()).collect();
+    let writer = tokio::spawn(async move {
+        let rpc = c2.rpc().await.unwrap();
+        for chunk in chunks {
+            rpc.call(Request::ExecInput {
+                exec_id,
+                data: chunk,
+            })
+            .await
+            .unwrap();
+        }
+        rpc.call(Request::ExecCloseStdin { exec_id }).await.unwrap();
+    });
+    let mut got = Vec::with_capacity(data.len());
+    let mut status = None;
+    while let Some(ev) = s.next().await.unwrap() {
+        match ev {
+            ExecEvent::Stdout(b) => got.extend_from_slice(&b),
+            ExecEvent::Stderr(b) => panic!("stderr: {}", String::from_utf8_lossy(&b)),
+            ExecEvent::Exit(st) => status = Some(st),
+        }
+    }
+    writer.await.unwrap();
+    assert!(status.unwrap().success());
+    assert_eq!(got.len(), data.len());
+    assert_eq!(Sha256::digest(&got), sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cat_round_trips_10_mib_over_a_stdio_stream() {
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let s = c
+        .exec(ExecRequest {
+            argv: argv(&["cat"]),
+            stdio: StdioMode::Stream,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let stream = c.exec_stdio(s.exec_id).await.unwrap();
+    let data: Vec<u8> = (0..10 * 1024 * 1024u32)
+        .map(|i| (i * 7 % 253) as u8)
+        .collect();
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let to_send = data.clone();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&to_send).await.unwrap();
+        wr.shutdown().await.unwrap();
+        wr
+    });
+    let mut got = Vec::new();
+    rd.read_to_end(&mut got).await.unwrap();
+    drop(writer.await.unwrap());
+    assert_eq!(got.len(), data.len());
+    assert_eq!(Sha256::digest(&got), Sha256::digest(&data));
+    assert!(s.wait().await.unwrap().status.unwrap().success());
+
+    // A second attach to the same exec is refused with a typed error.
+    let s = c
+        .exec(ExecRequest {
+            argv: argv(&["cat"]),
+            stdio: StdioMode::Stream,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let first = c.exec_stdio(s.exec_id).await.unwrap();
+    let err = c.exec_stdio(s.exec_id).await.err().unwrap();
+    assert_eq!(err.kind(), Some(ErrorKind::Busy));
+    drop(first);
+    assert!(s.wait().await.unwrap().status.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pty_reports_its_size_after_a_resize() {
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let mut s = c
+        .exec(ExecRequest {
+            argv: argv(&["sh"]),
+            pty: Some(WinSize { rows: 24, cols: 80 }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    s.resize(WinSize {
+        rows: 33,
+        cols: 111,
+    })
+    .await
+    .unwrap();
+    s.write_stdin(b"stty size; tty; exit 7\n".to_vec())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut status = None;
+    while let Some(ev) = s.next().await.unwrap() {
+        match ev {
+            ExecEvent::Stdout(b) => out.extend_from_slice(&b),
+            ExecEvent::Stderr(_) => panic!("a terminal has no separate stderr"),
+            ExecEvent::Exit(st) => status = Some(st),
+        }
+    }
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("33 111"), "{text}");
+    assert!(text.contains("/dev/pts/"), "{text}");
+    assert_eq!(status.unwrap().code, Some(7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_rpcs_share_one_connection() {
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let rpc = c.rpc().await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let rpc = rpc.clone();
+        tasks.spawn(async move {
+            if i % 10 == 0 {
+                // Slow ones in the mix must not hold up the fast ones.
+                let r = rpc
+                    .call(Request::Exec(ExecRequest {
+                        argv: vec!["sh".into(), "-c".into(), format!("sleep 0.2; echo {i}")],
+                        stdio: StdioMode::NullStdin,
+                        ..Default::default()
+                    }))
+                    .await
+                    .unwrap();
+                assert!(matches!(r, Response::Exited(st) if st.success()));
+            } else if i % 2 == 0 {
+                assert!(matches!(
+                    rpc.call(Request::Info).await.unwrap(),
+                    Response::Info(_)
+                ));
+            } else {
+                assert_eq!(rpc.call(Request::Ping).await.unwrap(), Response::Done);
+            }
+            i
+        });
+    }
+    let mut seen = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        seen.push(r.unwrap());
+    }
+    seen.sort();
+    assert_eq!(seen, (0..100).collect::<Vec<_>>());
+    // Still one connection: the client did not dial more.
+    assert!(Arc_ptr_eq(&rpc, &c.rpc().await.unwrap()));
+}
+
+#[allow(non_snake_case)]
+fn Arc_ptr_eq<T>(a: &std::sync::Arc<T>, b: &std::sync::Arc<T>) -> bool {
+    std::sync::Arc::ptr_eq(a, b)
+}
+
+/// An `AsyncRead` of `len` deterministic pseudo-random bytes, hashed as they are read.
+struct Source {
+    left: u64,
+    state: u64,
+    hash: Sha256,
+}
+
+impl tokio::io::AsyncRead for Source {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = (buf.remaining() as u64).min(self.left) as usize & !7;
+        let n = if n == 0 {
+            self.left.min(buf.remaining() as u64) as usize
+        } else {
+            n
+        };
+        let mut chunk = vec![0u8; n];
+        for word in chunk.chunks_mut(8) {
+            // xorshift64: cheap, and different in every 8-byte word.
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            let bytes = self.state.to_le_bytes();
+            word.copy_from_slice(&bytes[..word.len()]);
+        }
+        self.hash.update(&chunk);
+        buf.put_slice(&chunk);
+        self.left -= n as u64;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Hashes everything written to it.
+struct HashSink(Sha256, u64);
+
+impl tokio::io::AsyncWrite for HashSink {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.update(buf);
+        self.1 += buf.len() as u64;
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_through_streams_keeps_its_checksum() {
+    const LEN: u64 = 1 << 30;
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let path = t.path("big.bin");
+    let mut src = Source {
+        left: LEN,
+        state: 0x9e37_79b9_7f4a_7c15,
+        hash: Sha256::new(),
+    };
+    let written = c
+        .put(&path, &mut src, WriteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(written, LEN);
+    let sent = src.hash.finalize();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), LEN);
+
+    let mut sink = HashSink(Sha256::new(), 0);
+    let read = c.get(&path, &mut sink).await.unwrap();
+    assert_eq!((read, sink.1), (LEN, LEN));
+    assert_eq!(sink.0.finalize(), sent);
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_rpcs_and_typed_errors() {
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let missing = t.path("nope/missing.txt");
+    let err = c.stat(&missing, true).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::NotFound), "{err}");
+    let err = c.get(&missing, &mut tokio::io::sink()).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::NotFound), "{err}");
+    let err = c.run(&["/definitely/not/a/program"]).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::NotFound), "{err}");
+    let err = c.stat("relative/path", true).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::InvalidArgument), "{err}");
+
+    let dir = t.path("a/b/c");
+    c.mkdir(&dir, true, None).await.unwrap();
+    let f = format!("{dir}/f.txt");
+    c.write_small(&f, b"small".to_vec(), WriteOptions::default())
+        .await
+        .unwrap();
+    c.chmod(&f, 0o600).await.unwrap();
+    let st = c.stat(&f, false).await.unwrap();
+    assert_eq!((st.size, st.mode), (5, 0o600));
+    let g = format!("{dir}/g.txt");
+    c.rename(&f, &g).await.unwrap();
+    let names: Vec<_> = c
+        .list_dir(&dir)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["g.txt"]);
+    let mut back = Vec::new();
+    c.get(&g, &mut back).await.unwrap();
+    assert_eq!(back, b"small");
+    let me = nix::unistd::getuid().as_raw();
+    c.chown(&g, Some(me), None).await.unwrap();
+    let err = c.remove(&t.path("a"), false).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::AlreadyExists), "{err}");
+    c.remove(&t.path("a"), true).await.unwrap();
+    assert!(!std::path::Path::new(&t.path("a")).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_as_the_requested_user() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let out = c
+        .exec(ExecRequest {
+            argv: argv(&["sh", "-c", "id -u; id -g; echo $HOME; pwd"]),
+            uid: Some(65534),
+            gid: Some(65534),
+            cwd: Some("/tmp".into()),
+            stdio: StdioMode::NullStdin,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<_> = text.lines().collect();
+    assert_eq!(lines[..2], ["65534", "65534"], "{text}");
+    assert_eq!(lines[3], "/tmp");
+}
+
+/// Is the process still alive (and not a zombie)?
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.contains(") Z "),
+        Err(_) => false,
+    }
+}
+
+async fn wait_gone(pid: u32) -> bool {
+    for _ in 0..200 {
+        if !alive(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_client_leaks_no_processes_unless_detached() {
+    let t = TestAgent::start().await;
+    let attached_pid = {
+        let c = t.client();
+        let s = c
+            .exec(ExecRequest {
+                // The child of the shell must die too: the whole group is killed.
+                argv: argv(&["sh", "-c", "sleep 60 & echo $!; wait"]),
+                stdio: StdioMode::NullStdin,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let pid = s.pid;
+        c.reset().await;
+        drop(s);
+        pid
+    };
+    assert!(
+        wait_gone(attached_pid).await,
+        "attached exec survived its client"
+    );
+
+    let c = t.client();
+    let s = c
+        .exec(ExecRequest {
+            argv: argv(&["sleep", "60"]),
+            stdio: StdioMode::NullStdin,
+            detached: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let detached_pid = s.pid;
+    let exec_id = s.exec_id;
+    drop(s);
+    c.reset().await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(alive(detached_pid), "detached exec was killed");
+    // A new client can still reach it by id, and the agent reaps it.
+    let c = t.client();
+    c.call(Request::ExecSignal {
+        exec_id,
+        signal: libc::SIGKILL,
+        group: true,
+    })
+    .await
+    .unwrap();
+    assert!(
+        wait_gone(detached_pid).await,
+        "detached exec was not reaped"
+    );
+    for _ in 0..100 {
+        if t.agent.execs.running() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.agent.execs.running(), 0);
+}
+
+async fn raw_handshake(t: &TestAgent, pre: &[u8], secret: Secret) -> Option<HelloReply> {
+    let mut s = UnixStream::connect(t.socket()).await.unwrap();
+    let mut out = pre.to_vec();
+    out.extend(
+        encode(&Hello {
+            features: 0,
+            secret,
+        })
+        .unwrap(),
+    );
+    s.write_all(&out).await.unwrap();
+    hearth_protocol::FrameReader::new(s)
+        .read()
+        .await
+        .ok()
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secret_and_wrong_version_are_refused() {
+    let t = TestAgent::start().await;
+    let bad = hearth_host::agents::AgentClient::new(t.endpoint.clone(), Secret([0u8; 32]));
+    match bad.ping().await.unwrap_err() {
+        AgentError::Refused(Refusal::BadSecret) => {}
+        other => panic!("expected BadSecret, got {other}"),
+    }
+    let mut pre = preamble();
+    pre[4] = 0xEE;
+    match raw_handshake(&t, &pre, t.secret.clone()).await {
+        Some(HelloReply::Refused(Refusal::Version { agent, client })) => {
+            assert_eq!(agent, hearth_protocol::PROTOCOL_VERSION);
+            assert_ne!(client, agent);
+        }
+        other => panic!("expected a version refusal, got {other:?}"),
+    }
+    assert!(matches!(
+        raw_handshake(&t, &preamble(), t.secret.clone()).await,
+        Some(HelloReply::Accepted { .. })
+    ));
+    t.client().ping().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_oversized_frames_cost_only_their_own_connection() {
+    let t = TestAgent::start().await;
+    let good = t.client();
+    good.ping().await.unwrap();
+
+    // Not our protocol at all: closed without an answer.
+    let mut s = UnixStream::connect(t.socket()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("agent must close a garbage connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+
+    // Right magic, then a hello frame claiming 4 GiB.
+    let mut s = UnixStream::connect(t.socket()).await.unwrap();
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&hearth_protocol::PROTOCOL_VERSION.to_le_bytes());
+    out.extend_from_slice(&u32::MAX.to_le_bytes());
+    s.write_all(&out).await.unwrap();
+    let reply: Option<HelloReply> = hearth_protocol::FrameReader::new(&mut s)
+        .read()
+        .await
+        .unwrap();
+    assert_eq!(reply, Some(HelloReply::Refused(Refusal::Malformed)));
+
+    // A good RPC connection that then sends an oversized frame loses only itself.
+    let victim = t.client();
+    let rpc = victim.rpc().await.unwrap();
+    rpc.call(Request::Ping).await.unwrap();
+    let big = Request::WriteFile {
+        path: t.path("x"),
+        data: vec![0; hearth_protocol::MAX_FRAME_LEN + 10],
+        opts: WriteOptions::default(),
+    };
+    assert!(
+        rpc.call(big).await.is_err(),
+        "client must refuse to encode it"
+    );
+    // Bypass the client's own check: write the oversized length raw.
+    let mut raw = UnixStream::connect(t.socket()).await.unwrap();
+    let mut out = preamble().to_vec();
+    out.extend(
+        encode(&Hello {
+            features: 0,
+            secret: t.secret.clone(),
+        })
+        .unwrap(),
+    );
+    out.extend(encode(&hearth_protocol::Open::Rpc).unwrap());
+    out.extend_from_slice(&((hearth_protocol::MAX_FRAME_LEN + 1) as u32).to_le_bytes());
+    out.extend_from_slice(&[0u8; 64]);
+    raw.write_all(&out).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut rest))
+        .await
+        .expect("agent must close a connection that sent an oversized frame")
+        .unwrap();
+    // Accepted + Opened came back before the close; nothing else did.
+    let mut r = hearth_protocol::FrameReader::new(&rest[..]);
+    assert!(matches!(
+        r.read::<HelloReply>().await.unwrap(),
+        Some(HelloReply::Accepted { .. })
+    ));
+    assert!(r
+        .read::<hearth_protocol::OpenReply>()
+        .await
+        .unwrap()
+        .unwrap()
+        .is_ok());
+    assert!(r
+        .read::<hearth_protocol::ServerMsg>()
+        .await
+        .unwrap()
+        .is_none());
+
+    // Malformed frame body on an RPC channel.
+    let mut raw = UnixStream::connect(t.socket()).await.unwrap();
+    let mut out = preamble().to_vec();
+    out.extend(
+        encode(&Hello {
+            features: 0,
+            secret: t.secret.clone(),
+        })
+        .unwrap(),
+    );
+    out.extend(encode(&hearth_protocol::Open::Rpc).unwrap());
+    out.extend_from_slice(&4u32.to_le_bytes());
+    out.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    raw.write_all(&out).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut rest))
+        .await
+        .expect("agent must close a connection that sent a malformed frame")
+        .unwrap();
+
+    // Everyone else is still served, on their existing connections and new ones.
+    rpc.call(Request::Ping).await.unwrap();
+    good.ping().await.unwrap();
+    t.client().info().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_reconnects_after_the_agent_restarts() {
+    let mut t = TestAgent::start().await;
+    let c = t.client();
+    c.ping().await.unwrap();
+    let path = t.path("warm");
+    std::fs::write(&path, b"pooled").unwrap();
+    let mut out = Vec::new();
+    c.get(&path, &mut out).await.unwrap();
+    // Let the pool refill with handshaken connections that the restart will kill.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Down for a while: calls made meanwhile wait (with backoff) instead of failing.
+    let restart = async {
+        t.restart(Duration::from_millis(300)).await;
+    };
+    let call = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.ping().await
+    };
+    let ((), pinged) = tokio::join!(restart, call);
+    pinged.unwrap();
+    let mut out = Vec::new();
+    c.get(&path, &mut out).await.unwrap();
+    assert_eq!(out, b"pooled");
+}
