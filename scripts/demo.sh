@@ -31,7 +31,7 @@ say put in.bin /…/copy.bin;        h put "$work/in.bin" "$work/copy.bin"
 say get /…/copy.bin out.bin;       h get "$work/copy.bin" "$work/out.bin"
 cmp "$work/in.bin" "$work/out.bin" && echo "round trip of 64 MiB: identical"
 say "exec -t -- sh -c 'stty size'"; script -qec "$bin/hearth agent --endpoint unix:$work/agent.sock --secret-file $work/secret exec -t -- stty size" /dev/null </dev/null || true
-say ls /;                          h ls "$work"
+say "ls /tmp/hearth-demo.…";      h ls "$work"
 echo
 echo "agent endpoint: unix:$work/agent.sock (removed when this demo exits)"
 echo "next: 'just bench-agent' measures the agent against this machine's floors"

@@ -322,10 +322,8 @@ fn build_command(
     // system calls on values captured before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            if with_pty {
-                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if with_pty && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0) {
+                return Err(std::io::Error::last_os_error());
             }
             if switch_user
                 && (libc::setgroups(groups.len(), groups.as_ptr()) < 0

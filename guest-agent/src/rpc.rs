@@ -77,8 +77,13 @@ pub async fn serve(
                 }
             }
             ClientMsg::Call { id, req } => {
-                if let Err(dup) = start(&agent, &table, &tx, id, req) {
-                    let _ = tx.send(dup).await;
+                if let Err(err) = start(&agent, &table, &tx, id, req) {
+                    let _ = tx
+                        .send(ServerMsg::Reply {
+                            id,
+                            result: Err(err),
+                        })
+                        .await;
                 }
             }
             ClientMsg::Cancel { id } => cancel(&table, &tx, id).await,
@@ -105,14 +110,12 @@ fn start(
     tx: &mpsc::Sender<ServerMsg>,
     id: u64,
     req: Request,
-) -> Result<(), ServerMsg> {
+) -> Result<(), Error> {
     let mut t = lock(table);
     if t.contains_key(&id) {
-        let err = Error::invalid(format!("request id {id} is already in flight"));
-        return Err(ServerMsg::Reply {
-            id,
-            result: Err(err),
-        });
+        return Err(Error::invalid(format!(
+            "request id {id} is already in flight"
+        )));
     }
     let (cancel_tx, cancel_rx) = oneshot::channel();
     let sink = EventSink { id, tx: tx.clone() };
