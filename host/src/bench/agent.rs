@@ -112,10 +112,14 @@ impl AgentProcess {
         Ok(AgentProcess { child, log })
     }
 
+    /// The end of the agent's log, as a suffix for an error message.
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        if lines.is_empty() {
+            return " (the agent logged nothing)".into();
+        }
+        format!(":\n{}", lines[lines.len().saturating_sub(20)..].join("\n"))
     }
 
     /// Pings until the agent answers. Polling the process as well turns an agent that
@@ -136,7 +140,7 @@ impl AgentProcess {
                 }
                 Err(e) => {
                     return Err(e)
-                        .with_context(|| format!("the agent did not answer:\n{}", self.log_tail()))
+                        .with_context(|| format!("the agent did not answer{}", self.log_tail()))
                 }
             }
         }
