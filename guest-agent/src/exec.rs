@@ -216,6 +216,10 @@ fn kill_group(pgid: i32) {
     );
 }
 
+/// Who a process runs as. The agent's own identity is looked up once: most execs run as
+/// the agent's user, and reading /etc/passwd and /etc/group on each would be most of the
+/// cost of a short command.
+#[derive(Clone)]
 struct Identity {
     uid: u32,
     gid: u32,
@@ -223,15 +227,27 @@ struct Identity {
     home: String,
     name: String,
     shell: String,
+    /// The process must change user (and so cannot be started with `posix_spawn`).
+    switch: bool,
 }
 
 fn identity(req: &ExecRequest) -> Result<Identity, Error> {
+    static OWN: std::sync::OnceLock<Identity> = std::sync::OnceLock::new();
     let me = nix::unistd::getuid().as_raw();
-    let uid = req.uid.unwrap_or(me);
+    if req.uid.is_none_or(|u| u == me) && req.gid.is_none() {
+        if let Some(own) = OWN.get() {
+            return Ok(own.clone());
+        }
+        let own = lookup(me, None, me)?;
+        return Ok(OWN.get_or_init(|| own).clone());
+    }
+    lookup(req.uid.unwrap_or(me), req.gid, me)
+}
+
+fn lookup(uid: u32, gid: Option<u32>, me: u32) -> Result<Identity, Error> {
     let user = nix::unistd::User::from_uid(uid.into())
         .map_err(|e| Error::internal(format!("look up uid {uid}: {e}")))?;
-    let gid = req
-        .gid
+    let gid = gid
         .or_else(|| user.as_ref().map(|u| u.gid.as_raw()))
         .unwrap_or(uid);
     let groups = match &user {
@@ -244,6 +260,8 @@ fn identity(req: &ExecRequest) -> Result<Identity, Error> {
         }
         _ => vec![gid],
     };
+    let own_gid = nix::unistd::getgid().as_raw();
+    let switch = uid != me || gid != own_gid;
     Ok(match user {
         Some(u) => Identity {
             uid,
@@ -252,6 +270,7 @@ fn identity(req: &ExecRequest) -> Result<Identity, Error> {
             home: u.dir.to_string_lossy().into_owned(),
             name: u.name,
             shell: u.shell.to_string_lossy().into_owned(),
+            switch,
         },
         None => Identity {
             uid,
@@ -260,8 +279,30 @@ fn identity(req: &ExecRequest) -> Result<Identity, Error> {
             home: "/".into(),
             name: uid.to_string(),
             shell: "/bin/sh".into(),
+            switch,
         },
     })
+}
+
+/// Finds `prog` in `path` as execvp would. Resolving here (rather than in the child) lets
+/// the standard library use `posix_spawn` instead of fork, and turns a missing program
+/// into a clear `NotFound` naming the search path.
+fn resolve_program(prog: &str, path: &str) -> Result<std::path::PathBuf, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    if prog.contains('/') {
+        return Ok(prog.into());
+    }
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let cand = std::path::Path::new(dir).join(prog);
+        if let Ok(md) = std::fs::metadata(&cand) {
+            if md.is_file() && md.permissions().mode() & 0o111 != 0 {
+                return Ok(cand);
+            }
+        }
+    }
+    Err(Error::not_found(format!(
+        "{prog}: command not found in {path}"
+    )))
 }
 
 fn build_command(
@@ -269,8 +310,14 @@ fn build_command(
     id: &Identity,
     pty_slave: Option<&std::os::fd::OwnedFd>,
 ) -> Result<std::process::Command, Error> {
-    let mut cmd = std::process::Command::new(&req.argv[0]);
-    cmd.args(&req.argv[1..]).env_clear();
+    let path = req
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    let mut cmd = std::process::Command::new(resolve_program(&req.argv[0], path)?);
+    cmd.arg0(&req.argv[0]).args(&req.argv[1..]).env_clear();
     cmd.env("PATH", DEFAULT_PATH)
         .env("HOME", &id.home)
         .env("USER", &id.name)
@@ -315,8 +362,12 @@ fn build_command(
     }
 
     let with_pty = pty_slave.is_some();
-    let switch_user = nix::unistd::getuid().as_raw() == 0
-        && (id.uid != 0 || id.gid != 0 || id.groups.iter().any(|&g| g != 0));
+    if !with_pty && !id.switch {
+        // The common case: no closure, so std can use posix_spawn (a vfork-style clone)
+        // instead of copying the agent's page tables with fork.
+        return Ok(cmd);
+    }
+    let switch = id.switch;
     let (uid, gid, groups) = (id.uid, id.gid, id.groups.clone());
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
     // system calls on values captured before the fork.
@@ -325,7 +376,7 @@ fn build_command(
             if with_pty && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0) {
                 return Err(std::io::Error::last_os_error());
             }
-            if switch_user
+            if switch
                 && (libc::setgroups(groups.len(), groups.as_ptr()) < 0
                     || libc::setgid(gid) < 0
                     || libc::setuid(uid) < 0)

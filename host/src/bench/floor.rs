@@ -12,6 +12,8 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use super::placement::Placement;
+
 /// Writes to the sink peer, and its read buffer: large enough that syscall overhead is
 /// not what the floor measures, and the size the agent client copies with.
 const CHUNK: usize = 1 << 20;
@@ -90,7 +92,13 @@ struct Peer {
 
 impl Peer {
     /// Starts `peer_cmd --mode M --socket S` and waits for it to connect to `socket`.
-    fn start(peer_cmd: &[String], mode: PeerMode, socket: &Path) -> anyhow::Result<Peer> {
+    fn start(
+        peer_cmd: &[String],
+        mode: PeerMode,
+        socket: &Path,
+        place: &Placement,
+    ) -> anyhow::Result<Peer> {
+        place.pin_client()?;
         let (prog, args) = peer_cmd
             .split_first()
             .context("the floor peer command is empty")?;
@@ -112,6 +120,10 @@ impl Peer {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("start the floor peer {}", peer_cmd.join(" ")))?;
+        if let Err(e) = place.pin_server(child.id()) {
+            kill(&mut child);
+            return Err(e);
+        }
         let deadline = Instant::now() + PEER_DEADLINE;
         let stream = loop {
             match listener.accept() {
@@ -188,8 +200,9 @@ pub fn echo_rtts_us(
     socket: &Path,
     iters: usize,
     warmup: usize,
+    place: &Placement,
 ) -> anyhow::Result<Vec<f64>> {
-    let mut peer = Peer::start(peer_cmd, PeerMode::Echo, socket)?;
+    let mut peer = Peer::start(peer_cmd, PeerMode::Echo, socket, place)?;
     let mut samples = Vec::with_capacity(iters);
     let mut reply = [0u8; MSG];
     for i in 0..warmup + iters {
@@ -211,8 +224,13 @@ pub fn echo_rtts_us(
 
 /// Time to push `bytes` to a sink peer in 1 MiB writes, until the peer confirms it
 /// received them all (so data still sitting in the socket buffer is not counted as sent).
-pub fn uds_throughput(peer_cmd: &[String], socket: &Path, bytes: u64) -> anyhow::Result<Duration> {
-    let mut peer = Peer::start(peer_cmd, PeerMode::Sink, socket)?;
+pub fn uds_throughput(
+    peer_cmd: &[String],
+    socket: &Path,
+    bytes: u64,
+    place: &Placement,
+) -> anyhow::Result<Duration> {
+    let mut peer = Peer::start(peer_cmd, PeerMode::Sink, socket, place)?;
     let buf = vec![0x5au8; CHUNK];
     let t = Instant::now();
     let mut left = bytes;
@@ -240,9 +258,36 @@ pub fn uds_throughput(peer_cmd: &[String], socket: &Path, bytes: u64) -> anyhow:
     Ok(elapsed)
 }
 
+/// Time to write `bytes` into a new file at `path` with plain 1 MiB `write`s from this
+/// process, on the server's CPU: the page-cache copy that every write through the agent
+/// also pays, and the raw socket floor does not. The file is removed afterwards.
+pub fn file_write(path: &Path, bytes: u64, place: &Placement) -> anyhow::Result<Duration> {
+    Placement {
+        client: place.server,
+        server: place.server,
+    }
+    .pin_client()?;
+    let buf = vec![0x5au8; CHUNK];
+    let t = Instant::now();
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        f.write_all(&buf[..n])
+            .with_context(|| format!("write {}", path.display()))?;
+        left -= n as u64;
+    }
+    drop(f);
+    let elapsed = t.elapsed();
+    std::fs::remove_file(path).with_context(|| format!("remove {}", path.display()))?;
+    Ok(elapsed)
+}
+
 /// Fork+exec+wait of `/bin/true` from this process, in milliseconds (unsorted): the least
 /// any exec through the agent can cost.
-pub fn spawn_true_ms(iters: usize, warmup: usize) -> anyhow::Result<Vec<f64>> {
+pub fn spawn_true_ms(iters: usize, warmup: usize, place: &Placement) -> anyhow::Result<Vec<f64>> {
+    place.pin_client()?;
     let mut samples = Vec::with_capacity(iters);
     for i in 0..warmup + iters {
         let t = Instant::now();
@@ -317,14 +362,15 @@ mod tests {
             std::process::id(),
             rand::random::<u32>()
         ));
-        let err = echo_rtts_us(&["/bin/false".into()], &sock, 1, 1).unwrap_err();
+        let place = Placement::same_core().unwrap();
+        let err = echo_rtts_us(&["/bin/false".into()], &sock, 1, 1, &place).unwrap_err();
         assert!(err.to_string().contains("before connecting"), "{err:#}");
         let _ = std::fs::remove_file(sock);
     }
 
     #[test]
     fn spawn_floor_runs() {
-        let s = spawn_true_ms(3, 1).unwrap();
+        let s = spawn_true_ms(3, 1, &Placement::same_core().unwrap()).unwrap();
         assert_eq!(s.len(), 3);
         assert!(s.iter().all(|&x| x > 0.0));
     }

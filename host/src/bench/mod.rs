@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod floor;
+pub mod placement;
 pub mod stats;
 
 pub use agent::{run_agent_bench, AgentBenchOptions};

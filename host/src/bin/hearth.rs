@@ -135,6 +135,9 @@ enum BenchCmd {
         /// Bytes written and read through the agent.
         #[arg(long, default_value_t = 1 << 30)]
         file_bytes: u64,
+        /// Where the scratch directory (socket, secret, test file) goes.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// The far end of a floor measurement (internal).
     #[command(hide = true)]
@@ -193,6 +196,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 rpc_iters,
                 exec_iters,
                 file_bytes,
+                dir,
             } => {
                 let mut opts = hearth_host::bench::agent::AgentBenchOptions::default();
                 if let Some(bin) = agent_bin {
@@ -201,6 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 opts.rpc_iters = rpc_iters;
                 opts.exec_iters = exec_iters;
                 opts.file_bytes = file_bytes;
+                opts.dir = dir;
                 let report = hearth_host::bench::agent::run_agent_bench(&opts).await?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 Ok(0)
