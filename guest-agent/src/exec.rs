@@ -486,9 +486,13 @@ pub async fn run(
         };
         tokio::select! {
             st = child.wait() => break st,
-            _ = &mut cancel, if !cancelled => {
+            // Only a real Cancel counts: a dropped sender means the connection is going
+            // away, and whether that kills the process is the detached flag's business.
+            res = &mut cancel, if !cancelled => {
                 cancelled = true;
-                kill_group(pid);
+                if res.is_ok() {
+                    kill_group(pid);
+                }
             }
             _ = sleep_until_opt(deadline), if deadline.is_some() && !timed_out => {
                 timed_out = true;

@@ -118,28 +118,154 @@ pub fn read_file(path: &str, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
     Ok(buf)
 }
 
-/// Opens a file for writing as `opts` asks. Shared by small writes and write streams.
-pub fn open_for_write(path: &str, opts: &WriteOptions) -> Result<(File, PathBuf), Error> {
-    let p = guest_path(path)?;
+/// A write in progress. `Truncate` and `CreateNew` write to a temporary file beside the
+/// target and rename it into place on [`PendingWrite::commit`], so a failed or cut-off
+/// write leaves the old file exactly as it was; dropping an uncommitted write removes the
+/// temporary file. `Append` writes in place (it cannot be made atomic this way).
+pub struct PendingWrite {
+    pub file: File,
+    /// The file the caller named (a final symlink resolved).
+    pub path: PathBuf,
+    tmp: Option<PathBuf>,
+    noreplace: bool,
+}
+
+impl PendingWrite {
+    /// Makes the written bytes visible under `path`.
+    pub fn commit(mut self) -> Result<(), Error> {
+        let Some(tmp) = self.tmp.take() else {
+            return Ok(());
+        };
+        let res = if self.noreplace {
+            rename_noreplace(&tmp, &self.path)
+        } else {
+            fs::rename(&tmp, &self.path)
+        };
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(e, &self.path));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PendingWrite {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        from,
+        nix::fcntl::AT_FDCWD,
+        to,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// Opens a write as `opts` asks. Shared by small writes and write streams.
+pub fn open_for_write(path: &str, opts: &WriteOptions) -> Result<PendingWrite, Error> {
+    let mut p = guest_path(path)?;
     if opts.create_parents {
         if let Some(parent) = p.parent() {
             mkdir_all(parent, DEFAULT_DIR_MODE)?;
         }
     }
-    let mut oo = OpenOptions::new();
-    oo.write(true).mode(opts.perm.unwrap_or(DEFAULT_FILE_MODE));
-    match opts.mode {
-        WriteMode::Truncate => oo.create(true).truncate(true),
-        WriteMode::Append => oo.create(true).append(true),
-        WriteMode::CreateNew => oo.create_new(true),
+    let existing = match fs::symlink_metadata(&p) {
+        Ok(md) if md.file_type().is_symlink() => {
+            // Write through a final symlink (think /etc/resolv.conf), as `>` would.
+            p = fs::canonicalize(&p).map_err(|e| io_err(e, &p))?;
+            fs::metadata(&p).ok()
+        }
+        Ok(md) => Some(md),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(e, &p)),
     };
-    let f = oo.open(&p).map_err(|e| io_err(e, &p))?;
-    Ok((f, p))
+    if existing.as_ref().is_some_and(|m| m.is_dir()) {
+        return Err(Error::invalid(format!("{} is a directory", p.display())));
+    }
+    if opts.mode == WriteMode::Append {
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(opts.perm.unwrap_or(DEFAULT_FILE_MODE))
+            .open(&p)
+            .map_err(|e| io_err(e, &p))?;
+        return Ok(PendingWrite {
+            file: f,
+            path: p,
+            tmp: None,
+            noreplace: false,
+        });
+    }
+    let noreplace = opts.mode == WriteMode::CreateNew;
+    if noreplace && existing.is_some() {
+        return Err(Error::new(
+            hearth_protocol::ErrorKind::AlreadyExists,
+            format!("{} already exists", p.display()),
+        ));
+    }
+    // A replaced file keeps its permissions and owner unless the caller says otherwise.
+    let perm = opts
+        .perm
+        .or(existing.as_ref().map(|m| m.mode() & 0o7777))
+        .unwrap_or(DEFAULT_FILE_MODE);
+    let (file, tmp) = create_temp_beside(&p, perm)?;
+    let pending = PendingWrite {
+        file,
+        path: p,
+        tmp: Some(tmp),
+        noreplace,
+    };
+    if let Some(m) = &existing {
+        let _ = std::os::unix::fs::fchown(&pending.file, Some(m.uid()), Some(m.gid()));
+        // fchown may clear set-id bits; put the mode back.
+        let _ = pending
+            .file
+            .set_permissions(fs::Permissions::from_mode(perm));
+    }
+    Ok(pending)
+}
+
+fn create_temp_beside(target: &Path, perm: u32) -> Result<(File, PathBuf), Error> {
+    let dir = target.parent().unwrap_or(Path::new("/"));
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for attempt in 0u32..16 {
+        let nonce: u64 = (std::process::id() as u64) << 32
+            ^ u64::from(attempt)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos() as u64);
+        let tmp = dir.join(format!(".{name}.hearth-{nonce:x}"));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(perm)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((f, tmp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err(e, target)),
+        }
+    }
+    Err(Error::internal(format!(
+        "no free temporary name beside {}",
+        target.display()
+    )))
 }
 
 pub fn write_file(path: &str, data: &[u8], opts: &WriteOptions) -> Result<u64, Error> {
-    let (mut f, p) = open_for_write(path, opts)?;
-    f.write_all(data).map_err(|e| io_err(e, &p))?;
+    let mut w = open_for_write(path, opts)?;
+    w.file.write_all(data).map_err(|e| io_err(e, &w.path))?;
+    w.commit()?;
     Ok(data.len() as u64)
 }
 
@@ -273,6 +399,45 @@ mod tests {
         );
         remove(&format!("{base}/sub"), true).unwrap();
         assert_eq!(stat(&g, false).unwrap_err().kind, ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn replacing_is_atomic_and_keeps_mode_and_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = format!("{}/conf", dir.path().display());
+        fs::write(&f, b"old").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o640)).unwrap();
+
+        // An uncommitted write (the transfer failed) leaves the old file and no litter.
+        let mut w = open_for_write(&f, &WriteOptions::default()).unwrap();
+        w.file.write_all(b"half").unwrap();
+        drop(w);
+        assert_eq!(fs::read(&f).unwrap(), b"old");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+
+        write_file(&f, b"new", &WriteOptions::default()).unwrap();
+        assert_eq!(fs::read(&f).unwrap(), b"new");
+        assert_eq!(stat(&f, false).unwrap().mode, 0o640);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn writes_go_through_a_final_symlink_and_refuse_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = format!("{}/real", dir.path().display());
+        let link = format!("{}/link", dir.path().display());
+        fs::write(&real, b"a").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        write_file(&link, b"through", &WriteOptions::default()).unwrap();
+        assert_eq!(fs::read(&real).unwrap(), b"through");
+        assert_eq!(stat(&link, false).unwrap().file_type, FileType::Symlink);
+        let d = dir.path().to_str().unwrap();
+        assert_eq!(
+            write_file(d, b"x", &WriteOptions::default())
+                .unwrap_err()
+                .kind,
+            ErrorKind::InvalidArgument
+        );
     }
 
     #[test]

@@ -199,7 +199,7 @@ async fn handle(
     }
     tokio::select! {
         r = dispatch(agent, req) => r,
-        _ = cancel => Err(Error::new(ErrorKind::Cancelled, "cancelled")),
+        Ok(()) = cancel => Err(Error::new(ErrorKind::Cancelled, "cancelled")),
     }
 }
 

@@ -11,7 +11,6 @@ use hearth_protocol::{Conn, Error};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
 
 /// Largest single kernel copy; big enough to amortise syscalls, small enough to stay
 /// responsive.
@@ -47,16 +46,42 @@ pub async fn open_read(path: String, offset: u64, len: Option<u64>) -> Result<Re
 }
 
 pub struct WriteFile {
-    file: File,
-    path: PathBuf,
+    w: files::PendingWrite,
+    expected_len: Option<u64>,
 }
 
 pub async fn open_write(path: String, opts: WriteOptions) -> Result<WriteFile, Error> {
     blocking(move || {
-        let (file, path) = files::open_for_write(&path, &opts)?;
-        Ok(WriteFile { file, path })
+        let w = files::open_for_write(&path, &opts)?;
+        if let Some(len) = opts.expected_len.filter(|&n| n > 0) {
+            reserve(&w.file, len).map_err(|e| Error::from_io(&e, w.path.display()))?;
+        }
+        Ok(WriteFile {
+            w,
+            expected_len: opts.expected_len,
+        })
     })
     .await
+}
+
+/// Reserves `len` bytes after the current end of `file` without changing its size (so a
+/// transfer cut short leaves the true length). Out of space is an error; a file system
+/// that cannot preallocate is not.
+fn reserve(file: &File, len: u64) -> io::Result<()> {
+    let start = file.metadata()?.len();
+    let (Ok(start), Ok(len)) = (libc::off_t::try_from(start), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EFBIG));
+    };
+    // SAFETY: fallocate on a descriptor we own, with plain integer arguments.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, start, len) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(()),
+        _ => Err(e),
+    }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -69,6 +94,7 @@ async fn blocking<T: Send + 'static>(
 
 /// Sends `file.len` bytes, then closes. A short stream tells the client something failed.
 pub async fn send_file(conn: Conn, file: ReadFile) -> io::Result<()> {
+    conn.set_bulk_send_buffer();
     let sock = conn.into_blocking_fd()?;
     tokio::task::spawn_blocking(move || send_file_blocking(&sock, file))
         .await
@@ -103,8 +129,16 @@ pub async fn receive_file(conn: Conn, buffered: Vec<u8>, f: WriteFile) -> io::Re
     // A `File` over the socket gives plain blocking read(2)/write(2).
     let sock = File::from(conn.into_blocking_fd()?);
     tokio::task::spawn_blocking(move || {
-        let outcome: WriteOutcome = receive_blocking(&sock, &buffered, &f.file)
-            .map_err(|e| Error::from_io(&e, f.path.display()));
+        let WriteFile { w, expected_len } = f;
+        let outcome: WriteOutcome = receive_blocking(&sock, &buffered, &w.file)
+            .map_err(|e| Error::from_io(&e, w.path.display()))
+            .and_then(|n| match expected_len {
+                Some(want) if want != n => Err(Error::invalid(format!(
+                    "{}: expected {want} bytes, the stream ended after {n}; nothing was changed",
+                    w.path.display()
+                ))),
+                _ => w.commit().map(|()| n),
+            });
         if let Err(e) = &outcome {
             tracing::warn!("file write stream failed: {e}");
         }

@@ -199,6 +199,14 @@ impl Conn {
         }
     }
 
+    /// Enlarges the kernel send buffer for a bulk stream: with the default ~200 KiB the
+    /// sender wakes the receiver for every few hundred KiB; 4 MiB measured 2-3x faster
+    /// for file reads. As root the system limit (`wmem_max`) is bypassed; otherwise the
+    /// kernel caps the request there. Best effort: a failure keeps the default.
+    pub fn set_bulk_send_buffer(&self) {
+        set_send_buffer(self.as_raw_fd(), BULK_SEND_BUFFER);
+    }
+
     /// Takes the socket out of the async runtime, in blocking mode, for bulk copies on a
     /// dedicated thread (where `splice`/`sendfile` and large reads beat async polling).
     pub fn into_blocking_fd(self) -> io::Result<OwnedFd> {
@@ -208,6 +216,30 @@ impl Conn {
         };
         set_blocking(fd.as_raw_fd())?;
         Ok(fd)
+    }
+}
+
+/// Send buffer for bulk streams; see [`Conn::set_bulk_send_buffer`].
+pub const BULK_SEND_BUFFER: usize = 4 << 20;
+
+/// Sets `SO_SNDBUF` on `fd`, past `wmem_max` when privileged. Best effort.
+pub fn set_send_buffer(fd: RawFd, bytes: usize) {
+    let n = bytes.min(libc::c_int::MAX as usize) as libc::c_int;
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    for opt in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
+        // SAFETY: setsockopt reads one c_int from the pointer we pass.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&n as *const libc::c_int).cast(),
+                len,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
     }
 }
 

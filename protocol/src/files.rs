@@ -48,4 +48,10 @@ pub struct WriteOptions {
     pub perm: Option<u32>,
     /// Create missing parent directories.
     pub create_parents: bool,
+    /// How many bytes the client is about to send. On a stream, a cut connection looks
+    /// like the end of the data; with this set, the write takes effect only if exactly
+    /// this many bytes arrived, so a killed client never leaves a truncated file in place
+    /// of a good one. The agent also reserves the space before the first byte moves: a
+    /// full disk or quota fails the open with `ResourceExhausted`, not half-way through.
+    pub expected_len: Option<u64>,
 }

@@ -387,6 +387,60 @@ async fn file_rpcs_and_typed_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_too_big_for_the_disk_fails_before_any_byte_moves() {
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let path = t.path("huge.bin");
+    let opts = WriteOptions {
+        expected_len: Some(1 << 60), // an exabyte: no disk here has it
+        ..Default::default()
+    };
+    let mut src = &b"never sent"[..];
+    let err = c.put(&path, &mut src, opts).await.unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            Some(ErrorKind::ResourceExhausted | ErrorKind::InvalidArgument)
+        ),
+        "{err}"
+    );
+    // Nothing is left behind: no file, no temporary.
+    assert!(!std::path::Path::new(&path).exists());
+    assert_eq!(std::fs::read_dir(t.dir.path()).unwrap().count(), 1); // the socket
+
+    let mut src = &b"exactly 24 bytes of data"[..];
+    let opts = WriteOptions {
+        expected_len: Some(24),
+        ..Default::default()
+    };
+    assert_eq!(c.put(&path, &mut src, opts).await.unwrap(), 24);
+    assert_eq!(std::fs::read(&path).unwrap(), b"exactly 24 bytes of data");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_transfer_leaves_the_old_file_untouched() {
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let path = t.path("precious");
+    std::fs::write(&path, b"the old contents").unwrap();
+    // The client announces 1 MiB and vanishes after 10 bytes.
+    let opts = WriteOptions {
+        expected_len: Some(1 << 20),
+        ..Default::default()
+    };
+    let mut src = &b"0123456789"[..];
+    let err = c.put(&path, &mut src, opts).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::InvalidArgument), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"the old contents");
+    let litter: Vec<_> = std::fs::read_dir(t.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("hearth-"))
+        .collect();
+    assert!(litter.is_empty(), "temporary files left: {litter:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_runs_as_the_requested_user() {
     if !nix::unistd::getuid().is_root() {
         eprintln!("skipped: switching users needs root");
@@ -472,7 +526,11 @@ async fn a_vanished_client_leaks_no_processes_unless_detached() {
     c.reset().await;
     drop(c);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(alive(detached_pid), "detached exec was killed");
+    assert!(
+        alive(detached_pid),
+        "detached exec was killed: {:?}",
+        std::fs::read_to_string(format!("/proc/{detached_pid}/stat"))
+    );
     // A new client can still reach it by id, and the agent reaps it.
     let c = t.client();
     c.call(Request::ExecSignal {

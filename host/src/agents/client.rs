@@ -272,7 +272,8 @@ impl AgentClient {
         }
     }
 
-    /// Streams `src` into a guest file; returns the bytes the agent wrote.
+    /// Streams `src` into a guest file; returns the bytes the agent wrote. Set
+    /// `opts.expected_len` when the length is known: the agent then reserves the space first.
     pub async fn put(
         self: &Arc<Self>,
         path: &str,
@@ -285,6 +286,7 @@ impl AgentClient {
                 opts,
             })
             .await?;
+        s.set_bulk_send_buffer();
         let copied = copy_big(src, &mut s).await;
         s.shutdown_write()?;
         // The agent's verdict is authoritative even if our copy broke off (it may have

@@ -25,6 +25,11 @@ impl AgentStream {
         }
     }
 
+    /// See [`Conn::set_bulk_send_buffer`].
+    pub fn set_bulk_send_buffer(&self) {
+        self.conn.set_bulk_send_buffer();
+    }
+
     /// Half-close: the agent reads EOF; we can still read its answer.
     pub fn shutdown_write(&self) -> io::Result<()> {
         self.conn.shutdown_write()

@@ -387,7 +387,14 @@ async fn file_round_trip(
     let mut src = tokio::io::repeat(0x5a).take(bytes);
     let t = Instant::now();
     let written = client
-        .put(guest_path, &mut src, WriteOptions::default())
+        .put(
+            guest_path,
+            &mut src,
+            WriteOptions {
+                expected_len: Some(bytes),
+                ..WriteOptions::default()
+            },
+        )
         .await
         .context("write the file through the agent")?;
     let write = t.elapsed();

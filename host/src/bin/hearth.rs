@@ -301,6 +301,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<i32> {
             let mut f = tokio::fs::File::open(&local)
                 .await
                 .with_context(|| format!("open {}", local.display()))?;
+            let expected_len = f.metadata().await.ok().map(|m| m.len());
             let opts = WriteOptions {
                 mode: if append {
                     WriteMode::Append
@@ -309,6 +310,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<i32> {
                 },
                 perm,
                 create_parents: false,
+                expected_len,
             };
             let n = c.put(&remote, &mut f, opts).await?;
             if json {
