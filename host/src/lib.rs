@@ -2,4 +2,5 @@
 //! ([`agents`]) and the benchmarks; `hearthd`'s services join it as they are built.
 
 pub mod agents;
+pub mod pool;
 pub mod bench;

@@ -1,0 +1,1 @@
+//! The storage pool (being written).

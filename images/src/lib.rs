@@ -1,0 +1,1 @@
+//! Rootfs templates (being written).
