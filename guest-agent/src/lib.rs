@@ -6,6 +6,7 @@
 pub mod exec;
 pub mod files;
 pub mod info;
+pub mod init;
 mod pty;
 pub mod rpc;
 pub mod secret;

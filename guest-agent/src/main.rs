@@ -22,9 +22,27 @@ struct Args {
         default_value = "/etc/hearth/agent.secret"
     )]
     secret_file: PathBuf,
+    /// Run as the guest's PID 1: fork off the agent, then exec this init command
+    /// (e.g. `--init /sbin/init`); everything after `--init` is the init's argv.
+    #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+    init: Option<Vec<String>>,
+    /// Used by the systemd unit: if an agent started as init is serving, wait for it to
+    /// exit (then systemd restarts this unit into a supervised agent).
+    #[arg(long)]
+    defer_to_early: bool,
 }
 
 fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let socket_dir = match &args.listen {
+        Endpoint::Unix(p) => p.parent().map(PathBuf::from),
+        _ => None,
+    }
+    .unwrap_or_else(|| PathBuf::from("/run/hearth"));
+    if let Some(init) = &args.init {
+        // Before logging or the runtime start any thread: this forks.
+        hearth_agent::init::become_early_agent(init, &socket_dir)?;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
@@ -32,7 +50,9 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    if args.defer_to_early && hearth_agent::init::defer_to_early_agent(&socket_dir)? {
+        anyhow::bail!("the early agent exited; restarting as a supervised agent");
+    }
     let secret = hearth_agent::secret::load(&args.secret_file)?;
     // One thread for the event loop keeps the agent small; file copies and other
     // blocking work go to the blocking pool.
