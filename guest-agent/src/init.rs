@@ -23,7 +23,10 @@ pub fn pid_file(socket_dir: &Path) -> std::path::PathBuf {
 /// Must run before any thread exists (fork in a threaded process is unsafe).
 pub fn become_early_agent(init: &[String], socket_dir: &Path) -> anyhow::Result<()> {
     if std::process::id() != 1 {
-        bail!("--init is only for PID 1 (this is pid {})", std::process::id());
+        bail!(
+            "--init is only for PID 1 (this is pid {})",
+            std::process::id()
+        );
     }
     let init_argv: Vec<CString> = init
         .iter()

@@ -2,5 +2,12 @@
 //! ([`agents`]) and the benchmarks; `hearthd`'s services join it as they are built.
 
 pub mod agents;
-pub mod pool;
 pub mod bench;
+pub mod config;
+pub mod control;
+pub mod net;
+pub mod node;
+pub mod pool;
+pub mod runtime;
+pub mod store;
+pub mod subid;

@@ -10,7 +10,10 @@ use hearth_protocol::exec::{ExecRequest, StdioMode};
 use hearth_protocol::files::{DirEntry, FileStat, WriteOptions};
 use hearth_protocol::frame::{FrameReader, FrameWriter};
 use hearth_protocol::info::GuestInfo;
+use hearth_protocol::Conn;
 use hearth_protocol::{Endpoint, Open, Opened, Request, Response, Secret, StreamTarget};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -40,9 +43,50 @@ impl Default for ClientOptions {
     }
 }
 
+/// A future a dialer returns.
+pub type DialFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// How to reach an agent: directly on its endpoint, or through `hearthd`'s control
+/// socket (which does the handshake with the guest's secret on the caller's behalf).
+pub trait Dialer: Send + Sync + 'static {
+    /// A connection that passed the handshake and awaits its `Open`.
+    fn dial(&self) -> DialFuture<'_, Handshaken>;
+
+    /// Dial and open a channel; direct dialers pipeline the two.
+    fn dial_open<'a>(&'a self, open: &'a Open) -> DialFuture<'a, (Opened, Conn, Vec<u8>)> {
+        Box::pin(async move { self.dial().await?.open(open).await })
+    }
+
+    /// For messages.
+    fn describe(&self) -> String;
+}
+
+/// Straight to the agent's endpoint with the guest's secret.
+pub struct DirectDialer {
+    pub endpoint: Endpoint,
+    pub secret: Secret,
+}
+
+impl Dialer for DirectDialer {
+    fn dial(&self) -> DialFuture<'_, Handshaken> {
+        Box::pin(dial(&self.endpoint, &self.secret, CLIENT_FEATURES))
+    }
+
+    fn dial_open<'a>(&'a self, open: &'a Open) -> DialFuture<'a, (Opened, Conn, Vec<u8>)> {
+        Box::pin(async move {
+            let (_, opened, conn, buffered) =
+                dial_open(&self.endpoint, &self.secret, CLIENT_FEATURES, open).await?;
+            Ok((opened, conn, buffered))
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.endpoint.to_string()
+    }
+}
+
 pub struct AgentClient {
-    endpoint: Endpoint,
-    secret: Secret,
+    dialer: Arc<dyn Dialer>,
     opts: ClientOptions,
     rpc: tokio::sync::Mutex<Option<Arc<RpcClient>>>,
     idle: Mutex<Vec<Handshaken>>,
@@ -54,17 +98,21 @@ impl AgentClient {
     }
 
     pub fn with_options(endpoint: Endpoint, secret: Secret, opts: ClientOptions) -> Arc<Self> {
+        Self::with_dialer(Arc::new(DirectDialer { endpoint, secret }), opts)
+    }
+
+    pub fn with_dialer(dialer: Arc<dyn Dialer>, opts: ClientOptions) -> Arc<Self> {
         Arc::new(AgentClient {
-            endpoint,
-            secret,
+            dialer,
             opts,
             rpc: tokio::sync::Mutex::new(None),
             idle: Mutex::new(Vec::new()),
         })
     }
 
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
+    /// Where this client connects, for messages.
+    pub fn describe(&self) -> String {
+        self.dialer.describe()
     }
 
     /// The shared RPC connection, reconnecting (with backoff) if it was lost.
@@ -73,8 +121,8 @@ impl AgentClient {
         if let Some(rpc) = slot.as_ref().filter(|r| !r.is_closed()) {
             return Ok(rpc.clone());
         }
-        let (_, opened, conn, buffered) = self
-            .with_backoff(|| dial_open(&self.endpoint, &self.secret, CLIENT_FEATURES, &Open::Rpc))
+        let (opened, conn, buffered) = self
+            .with_backoff(|| self.dialer.dial_open(&Open::Rpc))
             .await?;
         if opened != Opened::Rpc {
             return Err(AgentError::Unexpected(format!("{opened:?}")));
@@ -100,7 +148,7 @@ impl AgentClient {
         loop {
             match f().await {
                 Err(e) if e.is_connection() && tokio::time::Instant::now() + delay < deadline => {
-                    tracing::debug!("agent at {} not reachable yet: {e}", self.endpoint);
+                    tracing::debug!("agent at {} not reachable yet: {e}", self.describe());
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(self.opts.max_backoff);
                 }
@@ -124,9 +172,7 @@ impl AgentClient {
                 Err(e) => return Err(e),
             }
         }
-        let (_, opened, conn, buffered) = self
-            .with_backoff(|| dial_open(&self.endpoint, &self.secret, CLIENT_FEATURES, &open))
-            .await?;
+        let (opened, conn, buffered) = self.with_backoff(|| self.dialer.dial_open(&open)).await?;
         Ok(AgentStream::new(opened, conn, buffered))
     }
 
@@ -138,7 +184,7 @@ impl AgentClient {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            if let Ok(h) = dial(&this.endpoint, &this.secret, CLIENT_FEATURES).await {
+            if let Ok(h) = this.dialer.dial().await {
                 let mut idle = this.idle.lock().unwrap_or_else(|p| p.into_inner());
                 if idle.len() < this.opts.idle_streams {
                     idle.push(h);

@@ -77,6 +77,20 @@ async fn handshake(
 }
 
 impl Handshaken {
+    /// Takes over a connection whose handshake someone else did (`hearthd` proxying an
+    /// agent connection to the CLI), with any bytes already read from it.
+    pub fn adopt(conn: Conn, buffered: Vec<u8>, hello: AgentHello) -> Handshaken {
+        Handshaken {
+            reader: FrameReader::from_parts(conn, buffered),
+            hello,
+        }
+    }
+
+    /// Gives the connection back (for proxying it elsewhere).
+    pub fn into_parts(self) -> (Conn, Vec<u8>) {
+        self.reader.into_parts()
+    }
+
     /// Sends `Open` and waits for the agent's answer.
     pub async fn open(mut self, open: &Open) -> Result<(Opened, Conn, Vec<u8>)> {
         let frame = hearth_protocol::frame::encode(open)?;

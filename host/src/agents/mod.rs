@@ -8,7 +8,7 @@ mod exec;
 mod rpc;
 mod stream;
 
-pub use client::{AgentClient, ClientOptions};
+pub use client::{AgentClient, ClientOptions, DialFuture, Dialer, DirectDialer, CLIENT_FEATURES};
 pub use conn::{dial, dial_open, AgentHello, Handshaken};
 pub use exec::{ExecEvent, ExecOutput, ExecSession};
 pub use rpc::RpcClient;

@@ -1,0 +1,244 @@
+//! `hearth`: the command line for a hearth node.
+//!
+//! For now: `hearth agent ...` talks to one guest agent directly (like Kata's agent-ctl),
+//! and `hearth bench agent` measures the agent against this machine's own floors.
+
+mod agent_cmd;
+mod images;
+mod nodecmd;
+mod session;
+mod up;
+
+use clap::{Args, Parser, Subcommand};
+use hearth_host::config::Config;
+use hearth_host::control::client::ControlClient;
+use hearth_protocol::Endpoint;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "hearth",
+    version,
+    about = "Full Linux computers on your own server"
+)]
+struct Cli {
+    /// hearthd's configuration (the CLI reads it for the pool and socket paths).
+    #[arg(long, global = true, default_value = "/etc/hearth/hearthd.toml")]
+    config: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Bring the node up: start hearthd, build the default image if it is missing.
+    Up,
+    /// Projects group containers.
+    Projects {
+        #[command(subcommand)]
+        cmd: nodecmd::ProjectCmd,
+    },
+    /// Full Linux computers: create, start, stop, exec, shell, cp, delete...
+    #[command(alias = "c")]
+    Containers {
+        #[command(subcommand)]
+        cmd: nodecmd::ContainerCmd,
+    },
+    /// Templates containers are made from.
+    Image {
+        #[command(subcommand)]
+        cmd: images::ImageCmd,
+    },
+    /// Talk to one guest agent directly (debugging).
+    Agent(AgentArgs),
+    /// Measure hearth against this machine's own floors; prints JSON.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// unix:/path, vsock:CID:PORT or hvsock:/path:PORT
+    #[arg(long)]
+    pub endpoint: Endpoint,
+    /// The guest's secret (32 raw bytes or 64 hex digits).
+    #[arg(long)]
+    pub secret_file: PathBuf,
+    #[command(subcommand)]
+    pub op: AgentOp,
+}
+
+#[derive(Subcommand)]
+pub enum AgentOp {
+    /// Round trip to the agent.
+    Ping,
+    /// Hostname, OS, kernel, memory, load, agent version.
+    Info,
+    /// Run a command; exits with its exit code.
+    Exec {
+        /// Run on a terminal (the default when stdin is one).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// Pass stdin through to the command.
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        #[arg(long)]
+        cwd: Option<String>,
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        gid: Option<u32>,
+        /// KEY=VALUE, repeatable.
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        #[arg(required = true, last = true)]
+        argv: Vec<String>,
+    },
+    /// Copy a local file into the guest.
+    Put {
+        local: PathBuf,
+        remote: String,
+        #[arg(long)]
+        append: bool,
+        /// Permission bits for a new file, octal.
+        #[arg(long)]
+        mode: Option<String>,
+    },
+    /// Copy a guest file to a local path ("-" for stdout).
+    Get {
+        remote: String,
+        local: PathBuf,
+    },
+    /// Stat a guest path.
+    Stat {
+        path: String,
+    },
+    /// List a guest directory.
+    Ls {
+        path: String,
+    },
+    Mkdir {
+        path: String,
+        #[arg(short, long)]
+        parents: bool,
+    },
+    Rm {
+        path: String,
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    Mv {
+        from: String,
+        to: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// RPC round trip, exec and file throughput through the agent, beside this machine's
+    /// floors (socket ping-pong, process spawn, raw socket throughput).
+    Agent {
+        /// The agent binary to start (default: hearth-agent next to this binary).
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+        #[arg(long, default_value_t = 20_000)]
+        rpc_iters: usize,
+        #[arg(long, default_value_t = 300)]
+        exec_iters: usize,
+        /// Bytes written and read through the agent.
+        #[arg(long, default_value_t = 1 << 30)]
+        file_bytes: u64,
+        /// Where the scratch directory (socket, secret, test file) goes.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// The far end of a floor measurement (internal).
+    #[command(hide = true)]
+    Peer {
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        socket: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    // The floor peer must stay a plain blocking process: no runtime threads.
+    if let Cmd::Bench {
+        what: BenchCmd::Peer { mode, socket },
+    } = &cli.cmd
+    {
+        return report(hearth_host::bench::run_floor_peer(mode, socket).map(|()| 0));
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(Err(e.into())),
+    };
+    report(rt.block_on(run(cli)))
+}
+
+/// One line on stderr for errors, and the exit code.
+fn report(res: anyhow::Result<i32>) -> std::process::ExitCode {
+    match res {
+        Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("hearth: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let json = cli.json;
+    let cfg = Config::load(&cli.config)?;
+    let ctl = ControlClient::new(cfg.control_socket());
+    match cli.cmd {
+        Cmd::Up => up::up(&cfg, &cli.config, &ctl).await,
+        Cmd::Projects { cmd } => nodecmd::projects(&ctl, cmd, json).await,
+        Cmd::Containers { cmd } => nodecmd::containers(&ctl, cmd, json).await,
+        Cmd::Image { cmd } => {
+            tokio::task::spawn_blocking(move || images::run(&cfg, cmd, json)).await?
+        }
+        Cmd::Agent(a) => agent_cmd::agent(a, json).await,
+        Cmd::Bench { what } => match what {
+            BenchCmd::Agent {
+                agent_bin,
+                rpc_iters,
+                exec_iters,
+                file_bytes,
+                dir,
+            } => {
+                let mut opts = hearth_host::bench::agent::AgentBenchOptions::default();
+                if let Some(bin) = agent_bin {
+                    opts.agent_bin = bin;
+                }
+                opts.rpc_iters = rpc_iters;
+                opts.exec_iters = exec_iters;
+                opts.file_bytes = file_bytes;
+                opts.dir = dir;
+                let report = hearth_host::bench::agent::run_agent_bench(&opts).await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(0)
+            }
+            BenchCmd::Peer { .. } => unreachable!("handled before the runtime starts"),
+        },
+    }
+}

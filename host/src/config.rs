@@ -1,0 +1,112 @@
+//! `hearthd`'s configuration: embedded defaults, optionally overridden by a TOML file
+//! (`/etc/hearth/hearthd.toml`). Every field has a default so an empty file is valid.
+
+use crate::net::NetConfig;
+use crate::pool::PoolConfig;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Everything persistent: the store, the pool's loop file, certificates.
+    pub state_dir: PathBuf,
+    /// Runtime files: the control socket.
+    pub run_dir: PathBuf,
+    pub pool: PoolConfig,
+    pub network: NetConfig,
+    pub defaults: DefaultLimits,
+    pub idmap: IdmapConfig,
+    /// The image a container gets when the request names none.
+    pub default_image: String,
+    /// The agent binary installed into images built on this node (default: next to
+    /// hearthd).
+    pub agent_bin: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DefaultLimits {
+    pub memory_mb: u64,
+    pub cpus: f64,
+    pub pids: u64,
+    /// Seconds a clean shutdown may take before the container is killed.
+    pub stop_timeout_secs: i32,
+}
+
+impl Default for DefaultLimits {
+    fn default() -> Self {
+        DefaultLimits {
+            memory_mb: 2048,
+            cpus: 2.0,
+            pids: 4096,
+            stop_timeout_secs: 10,
+        }
+    }
+}
+
+/// Each container gets its own `size`-wide block of host uids/gids out of root's range
+/// in /etc/subuid and /etc/subgid, so two guests' root users are different host users.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdmapConfig {
+    pub base: u32,
+    pub size: u32,
+    /// How many blocks the range holds.
+    pub blocks: u32,
+}
+
+impl Default for IdmapConfig {
+    fn default() -> Self {
+        IdmapConfig {
+            base: 1_000_000,
+            size: 65_536,
+            blocks: 15_000,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: "/var/lib/hearth".into(),
+            run_dir: "/run/hearth".into(),
+            pool: PoolConfig::default(),
+            network: NetConfig::default(),
+            defaults: DefaultLimits::default(),
+            idmap: IdmapConfig::default(),
+            default_image: "debian-13".into(),
+            agent_bin: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` if it exists; a missing file means the defaults.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+        }
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.run_dir.join("control.sock")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("hearth.db")
+    }
+
+    pub fn lxc_dir(&self) -> PathBuf {
+        self.state_dir.join("lxc")
+    }
+
+    /// Per-container directories that appear as /run/hearth inside the guest.
+    pub fn agents_dir(&self) -> PathBuf {
+        self.state_dir.join("agents")
+    }
+}

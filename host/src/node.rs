@@ -1,0 +1,642 @@
+//! The node's container operations, crash-safe.
+//!
+//! Every state-changing operation first records its intent in the store (`creating`,
+//! `deleting`), then acts. If `hearthd` dies half-way, [`Node::reconcile`] sees the state
+//! on the next start and finishes (delete) or rolls back (create) through the same
+//! idempotent [`Node::purge`], which also removes anything found on the machine that
+//! the store does not know (LXC definitions, rootfs subvolumes, veths).
+
+use crate::agents::{AgentClient, ClientOptions};
+use crate::config::Config;
+use crate::net;
+use crate::pool::Storage;
+use crate::runtime::{GuestSpec, Limits, RunState, Runtime};
+use crate::store::{ContainerRow, State, Store, StoreError};
+use hearth_protocol::Secret;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a started guest gets to answer on its agent socket.
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0:#}")]
+    Internal(anyhow::Error),
+}
+
+impl From<StoreError> for NodeError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => NodeError::NotFound(format!("{m} not found")),
+            StoreError::Conflict(m) => NodeError::Conflict(m),
+            other => NodeError::Internal(other.into()),
+        }
+    }
+}
+
+fn internal(e: impl Into<anyhow::Error>) -> NodeError {
+    NodeError::Internal(e.into())
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CreateRequest {
+    pub name: String,
+    pub image: Option<String>,
+    pub memory_mb: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+    pub autostart: Option<bool>,
+}
+
+/// A container as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerView {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub status: String,
+    pub image: String,
+    pub ip: String,
+    pub memory_mb: u64,
+    pub cpus: f64,
+    pub pids: u64,
+    pub autostart: bool,
+    pub created_at: String,
+    pub error: Option<String>,
+    /// Host path of the agent socket (root on the node can use it directly).
+    pub agent_socket: String,
+}
+
+/// Names users give: 1-63 chars of `[a-z0-9-]`, not starting or ending with `-` (they
+/// end up in host names and URLs).
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+pub struct Node {
+    pub cfg: Config,
+    store: Mutex<Store>,
+    pub pool: Arc<dyn Storage>,
+    pub runtime: Arc<dyn Runtime>,
+    agents: Mutex<HashMap<String, Arc<AgentClient>>>,
+    /// One operation at a time per container.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| internal(anyhow::anyhow!("worker failed: {e}")))?
+}
+
+impl Node {
+    pub fn new(
+        cfg: Config,
+        store: Store,
+        pool: Arc<dyn Storage>,
+        runtime: Arc<dyn Runtime>,
+    ) -> Arc<Node> {
+        Arc::new(Node {
+            cfg,
+            store: Mutex::new(store),
+            pool,
+            runtime,
+            agents: Mutex::default(),
+            locks: Mutex::default(),
+        })
+    }
+
+    /// The store, for short synchronous queries. Poisoning means a panic mid-query;
+    /// SQLite itself stays consistent, so carry on.
+    pub fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(id.to_string()).or_default().clone()
+    }
+
+    pub fn lxc_name(id: &str) -> String {
+        format!("h-{id}")
+    }
+
+    pub fn agent_dir(&self, id: &str) -> PathBuf {
+        self.cfg.agents_dir().join(id)
+    }
+
+    pub fn agent_socket(&self, id: &str) -> PathBuf {
+        self.agent_dir(id).join("agent.sock")
+    }
+
+    pub fn view(&self, c: &ContainerRow) -> ContainerView {
+        ContainerView {
+            id: c.id.clone(),
+            project_id: c.project.clone(),
+            name: c.name.clone(),
+            status: c.state.as_str().into(),
+            image: c.image.clone(),
+            ip: c.ip.to_string(),
+            memory_mb: c.memory_bytes >> 20,
+            cpus: c.cpus,
+            pids: c.pids,
+            autostart: c.autostart,
+            created_at: c.created_at.clone(),
+            error: c.error.clone(),
+            agent_socket: self.agent_socket(&c.id).display().to_string(),
+        }
+    }
+
+    /// The agent client of a container (one per container, shared).
+    pub fn agent(&self, c: &ContainerRow) -> Result<Arc<AgentClient>, NodeError> {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = agents.get(&c.id) {
+            return Ok(a.clone());
+        }
+        let secret = Secret::parse(c.secret_hex.as_bytes())
+            .map_err(|e| internal(anyhow::anyhow!("secret of {}: {e}", c.id)))?;
+        let client = AgentClient::with_options(
+            hearth_protocol::Endpoint::Unix(self.agent_socket(&c.id)),
+            secret,
+            ClientOptions {
+                initial_backoff: Duration::from_millis(1),
+                max_backoff: Duration::from_millis(50),
+                connect_deadline: AGENT_READY_TIMEOUT,
+                ..ClientOptions::default()
+            },
+        );
+        agents.insert(c.id.clone(), client.clone());
+        Ok(client)
+    }
+
+    fn forget_agent(&self, id: &str) {
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    pub fn get(&self, key: &str) -> Result<ContainerRow, NodeError> {
+        Ok(self.store().resolve(key)?)
+    }
+
+    pub async fn create(
+        &self,
+        project: &str,
+        req: CreateRequest,
+    ) -> Result<ContainerRow, NodeError> {
+        if !valid_name(&req.name) {
+            return Err(NodeError::Invalid(format!(
+                "container name {:?}: use 1-63 of a-z, 0-9 and '-'",
+                req.name
+            )));
+        }
+        let image = req.image.clone().unwrap_or(self.cfg.default_image.clone());
+        if !self.pool.image_path(&image).exists() {
+            return Err(NodeError::NotFound(format!(
+                "image {image} not found (build it with `hearth image build`)"
+            )));
+        }
+        let d = &self.cfg.defaults;
+        let memory_mb = req.memory_mb.unwrap_or(d.memory_mb);
+        let cpus = req.cpus.unwrap_or(d.cpus);
+        let pids = req.pids.unwrap_or(d.pids);
+        if memory_mb < 64 || !(0.01..=1024.0).contains(&cpus) || pids < 16 {
+            return Err(NodeError::Invalid(
+                "limits: memory at least 64 MB, cpus 0.01-1024, pids at least 16".into(),
+            ));
+        }
+        let row = self.allocate(
+            project,
+            &req.name,
+            &image,
+            memory_mb,
+            cpus,
+            pids,
+            req.autostart,
+        )?;
+        let lock = self.lock_for(&row.id);
+        let _guard = lock.lock().await;
+        match self.provision_and_start(&row).await {
+            Ok(()) => {
+                self.store().set_state(&row.id, State::Running, None)?;
+                Ok(self.store().container(&row.id)?)
+            }
+            Err(e) => {
+                tracing::warn!("create {}/{} failed, rolling back: {e}", project, req.name);
+                if let Err(p) = self.purge(&row).await {
+                    tracing::error!(
+                        "rollback of {} incomplete (reconcile will retry): {p}",
+                        row.id
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Records the new container (state `creating`) with its IP, uid block and secret, in
+    /// one statement: from here on a crash is rolled back by reconcile.
+    #[allow(clippy::too_many_arguments)]
+    fn allocate(
+        &self,
+        project: &str,
+        name: &str,
+        image: &str,
+        memory_mb: u64,
+        cpus: f64,
+        pids: u64,
+        autostart: Option<bool>,
+    ) -> Result<ContainerRow, NodeError> {
+        let store = self.store();
+        store.project(project)?;
+        let ip = net::ipam::allocate(self.cfg.network.cidr, &store.used_ips()?)
+            .map_err(|e| NodeError::Conflict(e.to_string()))?;
+        let used = store.used_idmap_blocks()?;
+        let block = (0..self.cfg.idmap.blocks)
+            .find(|b| !used.contains(b))
+            .ok_or_else(|| NodeError::Conflict("no free uid range left".into()))?;
+        let row = ContainerRow {
+            id: new_id(),
+            project: project.into(),
+            name: name.into(),
+            image: image.into(),
+            state: State::Creating,
+            ip,
+            idmap_block: block,
+            secret_hex: Secret(rand::random()).to_hex(),
+            memory_bytes: memory_mb << 20,
+            cpus,
+            pids,
+            autostart: autostart.unwrap_or(true),
+            created_at: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            error: None,
+        };
+        store.insert_container(&row)?;
+        Ok(row)
+    }
+
+    fn spec(&self, c: &ContainerRow) -> GuestSpec {
+        let veth = net::veth_name(&self.cfg.network, &c.id);
+        GuestSpec {
+            name: Self::lxc_name(&c.id),
+            hostname: c.name.clone(),
+            rootfs: self.pool.rootfs(&c.id),
+            idmap_base: self.cfg.idmap.base + c.idmap_block * self.cfg.idmap.size,
+            idmap_size: self.cfg.idmap.size,
+            agent_dir: self.agent_dir(&c.id),
+            limits: Limits {
+                memory_bytes: c.memory_bytes,
+                cpus: c.cpus,
+                pids: c.pids,
+            },
+            net: net::lxc_config(&self.cfg.network, c.ip, &veth),
+        }
+    }
+
+    async fn provision_and_start(&self, c: &ContainerRow) -> Result<(), NodeError> {
+        let pool = self.pool.clone();
+        let runtime = self.runtime.clone();
+        let spec = self.spec(c);
+        let resolv = net::resolv_conf(&self.cfg.network).map_err(internal)?;
+        let (id, image, name, secret) = (
+            c.id.clone(),
+            c.image.clone(),
+            c.name.clone(),
+            c.secret_hex.clone(),
+        );
+        blocking(move || {
+            let rootfs = pool.create_rootfs(&image, &id).map_err(internal)?;
+            provision_rootfs(&rootfs, &name, &resolv, &secret).map_err(internal)?;
+            make_agent_dir(&spec.agent_dir).map_err(internal)?;
+            runtime.define(&spec).map_err(internal)
+        })
+        .await?;
+        self.boot(c).await
+    }
+
+    /// Starts the guest and waits for its agent.
+    async fn boot(&self, c: &ContainerRow) -> Result<(), NodeError> {
+        let runtime = self.runtime.clone();
+        let name = Self::lxc_name(&c.id);
+        // A stale socket from the last run would accept nothing; the agent makes a new one.
+        let _ = std::fs::remove_file(self.agent_socket(&c.id));
+        blocking(move || runtime.start(&name).map_err(internal)).await?;
+        self.forget_agent(&c.id);
+        let agent = self.agent(c)?;
+        agent
+            .ping()
+            .await
+            .map_err(|e| internal(anyhow::anyhow!("the agent of {} did not answer: {e}", c.id)))
+    }
+
+    pub async fn start(&self, key: &str) -> Result<ContainerRow, NodeError> {
+        let c = self.get(key)?;
+        let lock = self.lock_for(&c.id);
+        let _guard = lock.lock().await;
+        let c = self.get(&c.id)?;
+        match c.state {
+            State::Running => return Ok(c),
+            State::Stopped | State::Failed => {}
+            s => return Err(NodeError::Conflict(format!("container is {}", s.as_str()))),
+        }
+        match self.boot(&c).await {
+            Ok(()) => {
+                self.store().set_state(&c.id, State::Running, None)?;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                self.store().set_state(&c.id, State::Failed, Some(&msg))?;
+                return Err(e);
+            }
+        }
+        self.get(&c.id)
+    }
+
+    pub async fn stop(&self, key: &str, force: bool) -> Result<ContainerRow, NodeError> {
+        let c = self.get(key)?;
+        let lock = self.lock_for(&c.id);
+        let _guard = lock.lock().await;
+        let c = self.get(&c.id)?;
+        if matches!(c.state, State::Creating | State::Deleting) {
+            return Err(NodeError::Conflict(format!(
+                "container is {}",
+                c.state.as_str()
+            )));
+        }
+        let runtime = self.runtime.clone();
+        let name = Self::lxc_name(&c.id);
+        let timeout = self.cfg.defaults.stop_timeout_secs;
+        blocking(move || {
+            if force {
+                runtime.kill(&name)
+            } else {
+                runtime.stop(&name, timeout)
+            }
+            .map_err(internal)
+        })
+        .await?;
+        self.forget_agent(&c.id);
+        self.store().set_state(&c.id, State::Stopped, None)?;
+        self.get(&c.id)
+    }
+
+    pub async fn restart(&self, key: &str) -> Result<ContainerRow, NodeError> {
+        self.stop(key, false).await?;
+        self.start(key).await
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), NodeError> {
+        let c = self.get(key)?;
+        let lock = self.lock_for(&c.id);
+        let _guard = lock.lock().await;
+        self.store().set_state(&c.id, State::Deleting, None)?;
+        self.purge(&c).await
+    }
+
+    /// Removes every trace of a container, in an order that is safe to repeat: the guest,
+    /// its network, its rootfs, its agent directory, and last its row (so a crash
+    /// part-way leaves a row that reconcile purges again).
+    pub async fn purge(&self, c: &ContainerRow) -> Result<(), NodeError> {
+        self.forget_agent(&c.id);
+        let runtime = self.runtime.clone();
+        let pool = self.pool.clone();
+        let netcfg = self.cfg.network.clone();
+        let (id, ip) = (c.id.clone(), c.ip);
+        let agent_dir = self.agent_dir(&c.id);
+        blocking(move || purge_machine(&*runtime, &*pool, &netcfg, &id, ip, &agent_dir)).await?;
+        self.store().delete_container(&c.id)?;
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&c.id);
+        Ok(())
+    }
+
+    /// Brings the store and the machine into agreement after a start (or a crash).
+    pub async fn reconcile(&self) -> Result<Vec<String>, NodeError> {
+        let mut report = Vec::new();
+        let rows = self.store().containers(None)?;
+        for c in &rows {
+            match c.state {
+                State::Creating | State::Deleting => {
+                    report.push(format!(
+                        "{}: {} was interrupted; removing it",
+                        c.id,
+                        c.state.as_str()
+                    ));
+                    self.purge(c).await?;
+                }
+                State::Running | State::Stopped | State::Failed => {
+                    let runtime = self.runtime.clone();
+                    let name = Self::lxc_name(&c.id);
+                    let st = blocking(move || runtime.state(&name).map_err(internal)).await?;
+                    let rootfs_ok = self.pool.rootfs(&c.id).exists();
+                    if !rootfs_ok {
+                        report.push(format!("{}: rootfs missing; marked failed", c.id));
+                        self.store()
+                            .set_state(&c.id, State::Failed, Some("rootfs missing"))?;
+                        continue;
+                    }
+                    if st == RunState::Missing {
+                        // The definition is derived data: write it again.
+                        let runtime = self.runtime.clone();
+                        let spec = self.spec(c);
+                        blocking(move || runtime.define(&spec).map_err(internal)).await?;
+                        report.push(format!("{}: LXC definition restored", c.id));
+                    }
+                    let running = st == RunState::Running;
+                    if running && c.state != State::Running {
+                        self.store().set_state(&c.id, State::Running, None)?;
+                        report.push(format!("{}: found running", c.id));
+                    } else if !running && c.state == State::Running {
+                        if c.autostart {
+                            report.push(format!("{}: autostart", c.id));
+                            self.store().set_state(&c.id, State::Stopped, None)?;
+                            if let Err(e) = self.start(&c.id).await {
+                                report.push(format!("{}: autostart failed: {e}", c.id));
+                            }
+                        } else {
+                            self.store().set_state(&c.id, State::Stopped, None)?;
+                            report.push(format!("{}: found stopped", c.id));
+                        }
+                    }
+                }
+            }
+        }
+        // Things on the machine the store does not know: leftovers of a crash between
+        // creating them and recording them (or of a store that was reset).
+        let known: std::collections::HashSet<String> = self
+            .store()
+            .containers(None)?
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        let runtime = self.runtime.clone();
+        let pool = self.pool.clone();
+        let netcfg = self.cfg.network.clone();
+        let agents_dir = self.cfg.agents_dir();
+        let leaks = blocking(move || {
+            let mut leaks = Vec::new();
+            for name in runtime.list().map_err(internal)? {
+                if let Some(id) = name.strip_prefix("h-") {
+                    if !known.contains(id) {
+                        runtime.undefine(&name).map_err(internal)?;
+                        leaks.push(format!("{id}: unknown LXC container removed"));
+                    }
+                }
+            }
+            for id in pool.container_ids().map_err(internal)? {
+                if !known.contains(&id) {
+                    pool.delete_container(&id).map_err(internal)?;
+                    leaks.push(format!("{id}: unknown rootfs removed"));
+                }
+            }
+            let live: std::collections::HashSet<String> =
+                known.iter().map(|id| net::veth_name(&netcfg, id)).collect();
+            for link in net::links::leftover_links(&netcfg).map_err(internal)? {
+                if !live.contains(&link) {
+                    net::links::release(&netcfg, &link, Ipv4Addr::UNSPECIFIED).map_err(internal)?;
+                    leaks.push(format!("{link}: stray veth removed"));
+                }
+            }
+            if let Ok(rd) = std::fs::read_dir(&agents_dir) {
+                for e in rd.flatten() {
+                    let id = e.file_name().to_string_lossy().into_owned();
+                    if !known.contains(&id) {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+            Ok(leaks)
+        })
+        .await?;
+        report.extend(leaks);
+        Ok(report)
+    }
+}
+
+fn purge_machine(
+    runtime: &dyn Runtime,
+    pool: &dyn Storage,
+    netcfg: &net::NetConfig,
+    id: &str,
+    ip: Ipv4Addr,
+    agent_dir: &std::path::Path,
+) -> Result<(), NodeError> {
+    runtime.undefine(&Node::lxc_name(id)).map_err(internal)?;
+    net::links::release(netcfg, &net::veth_name(netcfg, id), ip).map_err(internal)?;
+    pool.delete_container(id).map_err(internal)?;
+    match std::fs::remove_dir_all(agent_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(internal(anyhow::anyhow!("{}: {e}", agent_dir.display()))),
+    }
+}
+
+/// Ten lowercase alphanumerics: short enough for interface names, random enough to
+/// never collide on a node.
+fn new_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    (0..10)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// The host directory that becomes /run/hearth in the guest. Owned by host root: with
+/// the idmapped bind mount it appears as the guest's root (a directory owned by the
+/// guest's mapped uid would show up as nobody). 0700: only this guest's root sees it.
+fn make_agent_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        // Traversable, not listable: LXC sets up the bind mount partly as the guest's
+        // mapped root, which must be able to walk to the directory.
+        std::fs::DirBuilder::new().recursive(true).create(parent)?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Gives a fresh rootfs its identity: hostname, DNS, the agent's secret. Files written
+/// by host root appear as the guest's root through the idmapped mount.
+fn provision_rootfs(
+    rootfs: &std::path::Path,
+    hostname: &str,
+    resolv: &str,
+    secret_hex: &str,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let etc = rootfs.join("etc");
+    std::fs::write(etc.join("hostname"), format!("{hostname}\n"))?;
+    std::fs::write(
+        etc.join("hosts"),
+        format!(
+            "127.0.0.1 localhost\n127.0.1.1 {hostname}\n::1 localhost ip6-localhost ip6-loopback\n"
+        ),
+    )?;
+    let resolv_path = etc.join("resolv.conf");
+    let _ = std::fs::remove_file(&resolv_path); // may be a dangling symlink
+    std::fs::write(&resolv_path, resolv)?;
+    let hearth = etc.join("hearth");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&hearth)?;
+    let secret_path = hearth.join("agent.secret");
+    let _ = std::fs::remove_file(&secret_path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&secret_path)?;
+    f.write_all(secret_hex.as_bytes())?;
+    // Each container must get its own machine-id: empty means "generate at first boot".
+    std::fs::write(etc.join("machine-id"), b"")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_dns_labels() {
+        assert!(valid_name("web-1"));
+        assert!(!valid_name("Web"));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name("x-"));
+        assert!(!valid_name(""));
+        assert!(!valid_name(&"a".repeat(64)));
+        assert!(!valid_name("a/b"));
+        let id = new_id();
+        assert_eq!(id.len(), 10);
+        assert!(valid_name(&id));
+    }
+}

@@ -1,0 +1,362 @@
+//! [`Storage`] on btrfs: images are read-only subvolumes, a container's rootfs is a
+//! writable snapshot of one, so creating a container copies nothing.
+
+use super::btrfs;
+use super::config::{PoolConfig, PoolKind};
+use super::loopfile;
+use super::names::{is_valid, validate};
+use super::{ImageEntry, PoolError, Storage, StorageInfo};
+use hearth_images::mounts::unmount_below;
+use nix::errno::Errno;
+use nix::fcntl::{renameat2, Flock, FlockArg, RenameFlags, AT_FDCWD};
+use std::collections::HashMap;
+use std::fs::{DirBuilder, File};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// Images being built or imported live under this prefix in `images/` until committed.
+const PENDING_PREFIX: &str = ".tmp-";
+
+#[derive(Debug)]
+pub struct BtrfsPool {
+    root: PathBuf,
+    images: PathBuf,
+    containers: PathBuf,
+    /// A lock on each pending image this process is filling, so another process that
+    /// opens the pool meanwhile does not take it for the leftover of a crash.
+    pending: Mutex<HashMap<PathBuf, Flock<File>>>,
+}
+
+impl BtrfsPool {
+    /// Mounts (or creates) the pool as configured, lays out its directories, and removes
+    /// what an interrupted image build left behind.
+    pub fn open(cfg: &PoolConfig) -> Result<BtrfsPool, PoolError> {
+        cfg.validate().map_err(PoolError::Config)?;
+        let root = match &cfg.kind {
+            PoolKind::LoopFile {
+                file,
+                size_bytes,
+                mountpoint,
+            } => {
+                loopfile::ensure_mounted(file, *size_bytes, mountpoint)?;
+                mountpoint.clone()
+            }
+            PoolKind::Existing { path } => {
+                make_dir(path, 0o711)?;
+                path.clone()
+            }
+        };
+        if !btrfs::is_btrfs(&root)? {
+            return Err(PoolError::NotBtrfs { path: root });
+        }
+        // Guests traverse `containers/` to reach their rootfs from inside their user
+        // namespace; nobody but root needs into the others.
+        let images = root.join("images");
+        let containers = root.join("containers");
+        make_dir(&images, 0o700)?;
+        make_dir(&containers, 0o711)?;
+        make_dir(&root.join("snapshots"), 0o700)?;
+        let pool = BtrfsPool {
+            root,
+            images,
+            containers,
+            pending: Mutex::new(HashMap::new()),
+        };
+        pool.remove_leftovers()?;
+        Ok(pool)
+    }
+
+    fn remove_leftovers(&self) -> Result<(), PoolError> {
+        let entries = std::fs::read_dir(&self.images)
+            .map_err(PoolError::io("read directory", &self.images))?;
+        for entry in entries {
+            let entry = entry.map_err(PoolError::io("read directory", &self.images))?;
+            if !entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(PENDING_PREFIX)
+            {
+                continue;
+            }
+            let path = entry.path();
+            let Some(_lock) = try_lock(&path)? else {
+                tracing::debug!("{} is being built by another process", path.display());
+                continue;
+            };
+            tracing::warn!(
+                "removing {}, left over from an interrupted build",
+                path.display()
+            );
+            unmount_below(&path)?;
+            remove_tree(&path)?;
+        }
+        Ok(())
+    }
+
+    fn pending(&self) -> MutexGuard<'_, HashMap<PathBuf, Flock<File>>> {
+        // The map stays consistent even if a holder panicked: every operation on it is a
+        // single insert or remove.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `tmp` must be a pending image of this pool: anything else passed to commit or
+    /// abort is a caller bug that must not turn into renaming or deleting a random path.
+    fn check_pending(&self, tmp: &Path) -> Result<(), PoolError> {
+        let ok = tmp.parent() == Some(self.images.as_path())
+            && tmp
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(PENDING_PREFIX));
+        if ok {
+            Ok(())
+        } else {
+            Err(PoolError::NotPending {
+                path: tmp.to_path_buf(),
+            })
+        }
+    }
+}
+
+impl Storage for BtrfsPool {
+    fn info(&self) -> StorageInfo {
+        StorageInfo {
+            driver: "btrfs",
+            instant_snapshots: true,
+            quotas: false,
+        }
+    }
+
+    fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn image_path(&self, name: &str) -> PathBuf {
+        self.images.join(name)
+    }
+
+    fn list_images(&self) -> Result<Vec<ImageEntry>, PoolError> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.images)
+            .map_err(PoolError::io("read directory", &self.images))?;
+        for entry in entries {
+            let entry = entry.map_err(PoolError::io("read directory", &self.images))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if !is_valid(&name) || !btrfs::is_subvolume(&path)? {
+                continue;
+            }
+            out.push(ImageEntry {
+                read_only: btrfs::is_readonly(&path)?,
+                created: hearth_images::read_image_info(&path).map(|i| i.created),
+                name,
+                path,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn begin_image(&self, name: &str) -> Result<PathBuf, PoolError> {
+        validate("image name", name)?;
+        let tmp = self.images.join(format!(
+            "{PENDING_PREFIX}{name}-{:08x}",
+            rand::random::<u32>()
+        ));
+        btrfs::create_subvolume(&tmp)?;
+        match try_lock(&tmp) {
+            Ok(Some(lock)) => {
+                self.pending().insert(tmp.clone(), lock);
+                Ok(tmp)
+            }
+            other => {
+                let _ = btrfs::delete_subvolume(&tmp);
+                match other {
+                    Err(e) => Err(e),
+                    // Nobody else knows the random name yet, so nobody else can hold it.
+                    _ => Err(PoolError::Io {
+                        op: "lock",
+                        path: tmp,
+                        source: std::io::ErrorKind::WouldBlock.into(),
+                    }),
+                }
+            }
+        }
+    }
+
+    fn commit_image(&self, tmp: &Path, name: &str) -> Result<(), PoolError> {
+        validate("image name", name)?;
+        self.check_pending(tmp)?;
+        btrfs::require_subvolume(tmp)?;
+        // The store will say this image exists from now on: make that true after a power
+        // cut too.
+        sync_fs(&self.images)?;
+        btrfs::set_readonly(tmp, true)?;
+        let dst = self.images.join(name);
+        let replacing = std::fs::symlink_metadata(&dst).is_ok();
+        let flags = if replacing {
+            RenameFlags::RENAME_EXCHANGE
+        } else {
+            RenameFlags::RENAME_NOREPLACE
+        };
+        // One atomic step either way: readers see the old image or the new one, never no
+        // image. After an exchange the old image sits at `tmp`.
+        renameat2(AT_FDCWD, tmp, AT_FDCWD, &dst, flags).map_err(|e| match e {
+            Errno::EEXIST => PoolError::AlreadyExists {
+                what: "image",
+                name: name.to_string(),
+            },
+            other => PoolError::Io {
+                op: "rename into place",
+                path: dst.clone(),
+                source: other.into(),
+            },
+        })?;
+        self.pending().remove(tmp);
+        if replacing {
+            // The new image is in place; an old one that cannot be deleted now is a
+            // leftover the next open removes.
+            if let Err(e) = btrfs::delete_subvolume(tmp) {
+                tracing::warn!("replaced image {name}, but the old copy stays for now: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn abort_image(&self, tmp: &Path) -> Result<(), PoolError> {
+        self.check_pending(tmp)?;
+        let result = unmount_below(tmp)
+            .map_err(PoolError::from)
+            .and_then(|()| remove_tree(tmp));
+        self.pending().remove(tmp);
+        result
+    }
+
+    fn delete_image(&self, name: &str) -> Result<(), PoolError> {
+        validate("image name", name)?;
+        let path = self.images.join(name);
+        if !btrfs::is_subvolume(&path)? {
+            return Err(PoolError::NotFound {
+                what: "image",
+                name: name.to_string(),
+            });
+        }
+        btrfs::delete_subvolume(&path)?;
+        Ok(())
+    }
+
+    fn create_rootfs(&self, image: &str, id: &str) -> Result<PathBuf, PoolError> {
+        validate("image name", image)?;
+        validate("container id", id)?;
+        let src = self.images.join(image);
+        if !btrfs::is_subvolume(&src)? {
+            return Err(PoolError::NotFound {
+                what: "image",
+                name: image.to_string(),
+            });
+        }
+        let dir = self.containers.join(id);
+        // create (not create_all): an existing directory is the signal that the id is
+        // taken, checked and claimed in one step.
+        DirBuilder::new()
+            .mode(0o711)
+            .create(&dir)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => PoolError::AlreadyExists {
+                    what: "container",
+                    name: id.to_string(),
+                },
+                _ => PoolError::io("create directory", &dir)(e),
+            })?;
+        let rootfs = dir.join("rootfs");
+        if let Err(e) = btrfs::snapshot(&src, &rootfs, false) {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e.into());
+        }
+        Ok(rootfs)
+    }
+
+    fn rootfs(&self, id: &str) -> PathBuf {
+        self.containers.join(id).join("rootfs")
+    }
+
+    fn delete_container(&self, id: &str) -> Result<(), PoolError> {
+        validate("container id", id)?;
+        let dir = self.containers.join(id);
+        match std::fs::symlink_metadata(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(PoolError::io("stat", &dir)(e)),
+            Ok(_) => remove_tree(&dir),
+        }
+    }
+
+    fn container_ids(&self) -> Result<Vec<String>, PoolError> {
+        let entries = std::fs::read_dir(&self.containers)
+            .map_err(PoolError::io("read directory", &self.containers))?;
+        let mut ids = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(PoolError::io("read directory", &self.containers))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_valid(&name) && entry.path().is_dir() {
+                ids.push(name);
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn raw_snapshot(&self, src: &Path, dst: &Path, readonly: bool) -> Result<(), PoolError> {
+        Ok(btrfs::snapshot(src, dst, readonly)?)
+    }
+}
+
+/// Removes `path` whatever it is: subvolumes are deleted whole (one ioctl, however big),
+/// plain directories are walked for subvolumes inside them.
+fn remove_tree(path: &Path) -> Result<(), PoolError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(PoolError::io("stat", path)(e)),
+    };
+    if !meta.is_dir() {
+        return std::fs::remove_file(path).map_err(PoolError::io("remove", path));
+    }
+    if btrfs::is_subvolume(path)? {
+        return Ok(btrfs::delete_subvolume(path)?);
+    }
+    for entry in std::fs::read_dir(path).map_err(PoolError::io("read directory", path))? {
+        let entry = entry.map_err(PoolError::io("read directory", path))?;
+        remove_tree(&entry.path())?;
+    }
+    std::fs::remove_dir(path).map_err(PoolError::io("remove directory", path))
+}
+
+/// An exclusive lock on directory `path`, or `None` if another process holds it.
+fn try_lock(path: &Path) -> Result<Option<Flock<File>>, PoolError> {
+    let dir = File::open(path).map_err(PoolError::io("open", path))?;
+    match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(PoolError::Io {
+            op: "lock",
+            path: path.to_path_buf(),
+            source: e.into(),
+        }),
+    }
+}
+
+fn sync_fs(path: &Path) -> Result<(), PoolError> {
+    let dir = File::open(path).map_err(PoolError::io("open", path))?;
+    nix::unistd::syncfs(&dir).map_err(|e| PoolError::Io {
+        op: "sync",
+        path: path.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+fn make_dir(path: &Path, mode: u32) -> Result<(), PoolError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(PoolError::io("create directory", path))
+}

@@ -1,0 +1,402 @@
+//! The node's state in SQLite: projects and containers, with everything needed to
+//! reconcile after a crash (allocated IP, uid range, agent secret, state).
+//!
+//! Writes are single statements or transactions, so a `kill -9` at any moment leaves a
+//! consistent database; the daemon's reconcile then finishes or rolls back the operation
+//! a row's state says was in flight.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::str::FromStr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Creating,
+    Running,
+    Stopped,
+    Failed,
+    Deleting,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Creating => "creating",
+            State::Running => "running",
+            State::Stopped => "stopped",
+            State::Failed => "failed",
+            State::Deleting => "deleting",
+        }
+    }
+}
+
+impl FromStr for State {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "creating" => State::Creating,
+            "running" => State::Running,
+            "stopped" => State::Stopped,
+            "failed" => State::Failed,
+            "deleting" => State::Deleting,
+            other => return Err(StoreError::Corrupt(format!("state {other:?}"))),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Project {
+    pub name: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ContainerRow {
+    pub id: String,
+    pub project: String,
+    pub name: String,
+    pub image: String,
+    pub state: State,
+    pub ip: Ipv4Addr,
+    pub idmap_block: u32,
+    #[serde(skip)]
+    pub secret_hex: String,
+    pub memory_bytes: u64,
+    pub cpus: f64,
+    pub pids: u64,
+    pub autostart: bool,
+    pub created_at: String,
+    pub error: Option<String>,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+const SCHEMA: &str = r#"
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+PRAGMA foreign_keys = ON;
+CREATE TABLE IF NOT EXISTS projects (
+    name TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS containers (
+    id TEXT PRIMARY KEY,
+    project TEXT NOT NULL REFERENCES projects(name),
+    name TEXT NOT NULL,
+    image TEXT NOT NULL,
+    state TEXT NOT NULL,
+    ip TEXT NOT NULL UNIQUE,
+    idmap_block INTEGER NOT NULL UNIQUE,
+    secret TEXT NOT NULL,
+    memory_bytes INTEGER NOT NULL,
+    cpus REAL NOT NULL,
+    pids INTEGER NOT NULL,
+    autostart INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    error TEXT,
+    UNIQUE (project, name)
+);
+"#;
+
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn row_to_container(r: &rusqlite::Row<'_>) -> rusqlite::Result<ContainerRow> {
+    let state: String = r.get("state")?;
+    let ip: String = r.get("ip")?;
+    let conv = |e: StoreError| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    };
+    Ok(ContainerRow {
+        id: r.get("id")?,
+        project: r.get("project")?,
+        name: r.get("name")?,
+        image: r.get("image")?,
+        state: state.parse().map_err(conv)?,
+        ip: ip
+            .parse()
+            .map_err(|_| conv(StoreError::Corrupt(format!("ip {ip:?}"))))?,
+        idmap_block: r.get("idmap_block")?,
+        secret_hex: r.get("secret")?,
+        memory_bytes: r.get::<_, i64>("memory_bytes")? as u64,
+        cpus: r.get("cpus")?,
+        pids: r.get::<_, i64>("pids")? as u64,
+        autostart: r.get("autostart")?,
+        created_at: r.get("created_at")?,
+        error: r.get("error")?,
+    })
+}
+
+/// Maps SQLite's uniqueness failures to a `Conflict` naming what clashed.
+fn conflict(e: rusqlite::Error, what: &str) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StoreError::Conflict(what.to_string())
+        }
+        _ => StoreError::Db(e),
+    }
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn })
+    }
+
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn })
+    }
+
+    pub fn create_project(&self, name: &str) -> Result<Project, StoreError> {
+        let p = Project {
+            name: name.to_string(),
+            created_at: now(),
+        };
+        self.conn
+            .execute(
+                "INSERT INTO projects (name, created_at) VALUES (?1, ?2)",
+                params![p.name, p.created_at],
+            )
+            .map_err(|e| conflict(e, &format!("project {name}")))?;
+        Ok(p)
+    }
+
+    pub fn ensure_project(&self, name: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO projects (name, created_at) VALUES (?1, ?2)",
+            params![name, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn projects(&self) -> Result<Vec<Project>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, created_at FROM projects ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok(Project {
+                name: r.get(0)?,
+                created_at: r.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn project(&self, name: &str) -> Result<Project, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT name, created_at FROM projects WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(Project {
+                        name: r.get(0)?,
+                        created_at: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("project {name}")))
+    }
+
+    /// Deletes an empty project; one that still has containers is a conflict.
+    pub fn delete_project(&self, name: &str) -> Result<(), StoreError> {
+        self.project(name)?;
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM containers WHERE project = ?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        if n > 0 {
+            return Err(StoreError::Conflict(format!(
+                "project {name} still has {n} container(s)"
+            )));
+        }
+        self.conn
+            .execute("DELETE FROM projects WHERE name = ?1", [name])?;
+        Ok(())
+    }
+
+    pub fn insert_container(&self, c: &ContainerRow) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO containers (id, project, name, image, state, ip, idmap_block, secret,
+                 memory_bytes, cpus, pids, autostart, created_at, error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                params![
+                    c.id,
+                    c.project,
+                    c.name,
+                    c.image,
+                    c.state.as_str(),
+                    c.ip.to_string(),
+                    c.idmap_block,
+                    c.secret_hex,
+                    c.memory_bytes as i64,
+                    c.cpus,
+                    c.pids as i64,
+                    c.autostart,
+                    c.created_at,
+                    c.error
+                ],
+            )
+            .map_err(|e| conflict(e, &format!("container {}/{}", c.project, c.name)))?;
+        Ok(())
+    }
+
+    pub fn containers(&self, project: Option<&str>) -> Result<Vec<ContainerRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT * FROM containers WHERE (?1 IS NULL OR project = ?1) ORDER BY project, name",
+        )?;
+        let rows = st.query_map([project], row_to_container)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn container(&self, id: &str) -> Result<ContainerRow, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT * FROM containers WHERE id = ?1",
+                [id],
+                row_to_container,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("container {id}")))
+    }
+
+    /// Finds a container by id, `project/name`, or a name that is unique on the node.
+    pub fn resolve(&self, key: &str) -> Result<ContainerRow, StoreError> {
+        if let Ok(c) = self.container(key) {
+            return Ok(c);
+        }
+        let found: Vec<ContainerRow> = match key.split_once('/') {
+            Some((p, n)) => self
+                .containers(Some(p))?
+                .into_iter()
+                .filter(|c| c.name == n)
+                .collect(),
+            None => self
+                .containers(None)?
+                .into_iter()
+                .filter(|c| c.name == key)
+                .collect(),
+        };
+        match found.len() {
+            1 => Ok(found
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::NotFound(key.into()))?),
+            0 => Err(StoreError::NotFound(format!("container {key}"))),
+            n => Err(StoreError::Conflict(format!(
+                "{n} containers are named {key}; use project/name or the id"
+            ))),
+        }
+    }
+
+    pub fn set_state(&self, id: &str, state: State, error: Option<&str>) -> Result<(), StoreError> {
+        let n = self.conn.execute(
+            "UPDATE containers SET state = ?2, error = ?3 WHERE id = ?1",
+            params![id, state.as_str(), error],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("container {id}")));
+        }
+        Ok(())
+    }
+
+    pub fn delete_container(&self, id: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM containers WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    pub fn used_ips(&self) -> Result<std::collections::HashSet<Ipv4Addr>, StoreError> {
+        Ok(self.containers(None)?.into_iter().map(|c| c.ip).collect())
+    }
+
+    pub fn used_idmap_blocks(&self) -> Result<std::collections::HashSet<u32>, StoreError> {
+        let mut st = self.conn.prepare("SELECT idmap_block FROM containers")?;
+        let rows = st.query_map([], |r| r.get::<_, u32>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, name: &str, ip: [u8; 4], block: u32) -> ContainerRow {
+        ContainerRow {
+            id: id.into(),
+            project: "p".into(),
+            name: name.into(),
+            image: "debian-13".into(),
+            state: State::Creating,
+            ip: Ipv4Addr::from(ip),
+            idmap_block: block,
+            secret_hex: "00".repeat(32),
+            memory_bytes: 1 << 30,
+            cpus: 1.0,
+            pids: 100,
+            autostart: true,
+            created_at: now(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn containers_are_unique_per_project_and_resolvable() {
+        let s = Store::open_in_memory().unwrap();
+        s.create_project("p").unwrap();
+        assert!(matches!(
+            s.create_project("p"),
+            Err(StoreError::Conflict(_))
+        ));
+        s.insert_container(&row("a1", "web", [10, 88, 0, 2], 1))
+            .unwrap();
+        assert!(matches!(
+            s.insert_container(&row("a2", "web", [10, 88, 0, 3], 2)),
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            s.insert_container(&row("a3", "db", [10, 88, 0, 2], 3)),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(s.resolve("a1").unwrap().name, "web");
+        assert_eq!(s.resolve("p/web").unwrap().id, "a1");
+        assert_eq!(s.resolve("web").unwrap().id, "a1");
+        assert!(matches!(s.resolve("nope"), Err(StoreError::NotFound(_))));
+        s.set_state("a1", State::Running, None).unwrap();
+        assert_eq!(s.container("a1").unwrap().state, State::Running);
+        assert!(matches!(
+            s.delete_project("p"),
+            Err(StoreError::Conflict(_))
+        ));
+        s.delete_container("a1").unwrap();
+        s.delete_project("p").unwrap();
+    }
+}
