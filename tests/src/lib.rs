@@ -1,5 +1,7 @@
 //! Shared harness for hearth's integration tests.
 
+pub mod node;
+
 use hearth_host::agents::AgentClient;
 use hearth_protocol::{Endpoint, Secret};
 use std::path::PathBuf;

@@ -104,7 +104,10 @@ fn lock(cfg: &Config) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
     let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|(_, e)| anyhow::anyhow!("another hearthd holds {} ({e})", path.display()))?;
     std::fs::create_dir_all(&cfg.run_dir)?;
-    std::fs::write(cfg.run_dir.join("hearthd.pid"), format!("{}\n", std::process::id()))?;
+    std::fs::write(
+        cfg.run_dir.join("hearthd.pid"),
+        format!("{}\n", std::process::id()),
+    )?;
     Ok(lock)
 }
 

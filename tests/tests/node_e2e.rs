@@ -1,0 +1,294 @@
+//! End to end on a real node: a private hearthd, a real Debian 13 template built with
+//! debootstrap, a real btrfs pool, real unprivileged LXC guests with systemd, real
+//! routed networking and nftables. Needs root; it cleans up after itself on drop (see
+//! `hearth_tests::node::TestNode`).
+//!
+//! One test function on purpose: the node (and its ~40 s image build) is shared by every
+//! step, and the steps run in order.
+
+use hearth_tests::node::{is_root, TestNode, VETH_PREFIX};
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+fn s(v: &Value, k: &str) -> String {
+    v[k].as_str().unwrap_or_default().to_string()
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The host's own address on its default route (what a guest would try to reach).
+fn host_ip() -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-4", "route", "get", "1.1.1.1"])
+        .output()
+        .expect("ip route get");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .skip_while(|w| *w != "src")
+        .nth(1)
+        .expect("a src address")
+        .to_string()
+}
+
+#[test]
+fn node_end_to_end() {
+    if !is_root() {
+        eprintln!("skipped: the node end-to-end test needs root (CI runs it as root)");
+        return;
+    }
+    let mut node = TestNode::start();
+
+    // Create: the call returns once the guest's agent answers.
+    let c1 = node.json(&["containers", "create", "--name", "one"]);
+    assert_eq!(s(&c1, "status"), "running", "{c1}");
+    let id1 = s(&c1, "id");
+    let ip1 = s(&c1, "ip");
+    assert!(ip1.starts_with(&node.cidr_prefix), "{ip1}");
+    let (code, out, _) = node.sh(&id1, "true");
+    assert_eq!(code, 0, "the agent answers exec");
+
+    // systemd comes up as PID 1 and finishes booting.
+    let state = wait_for("systemd to finish booting", Duration::from_secs(60), || {
+        let (_, out, _) = node.sh(&id1, "systemctl is-system-running");
+        let st = out.trim().to_string();
+        matches!(st.as_str(), "running" | "degraded").then_some(st)
+    });
+    eprintln!("e2e: systemd is {state}");
+    let (_, pid1, _) = node.sh(&id1, "cat /proc/1/comm");
+    assert_eq!(pid1.trim(), "systemd");
+    drop(out);
+
+    // Exec: output, exit codes, stderr.
+    let (code, out, err) = node.sh(&id1, "echo out; echo err >&2; exit 3");
+    assert_eq!((code, out.as_str(), err.as_str()), (3, "out\n", "err\n"));
+
+    // Files pushed and pulled, byte for byte.
+    let local = node.dir.join("payload.bin");
+    let data: Vec<u8> = (0..1_000_003u32).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(&local, &data).unwrap();
+    let remote = format!("{id1}:/root/payload.bin");
+    let out = node.hearth(&["containers", "cp", local.to_str().unwrap(), &remote]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = node.dir.join("back.bin");
+    let out = node.hearth(&["containers", "cp", &remote, back.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    let (_, sum, _) = node.sh(&id1, "wc -c < /root/payload.bin");
+    assert_eq!(sum.trim(), "1000003");
+
+    // Its own IP, and the Debian mirror is reachable (DNS + NAT).
+    let (_, addr, _) = node.sh(&id1, "ip -4 -o addr show eth0");
+    assert!(addr.contains(&format!("{ip1}/32")), "{addr}");
+    let (code, out, err) = node.sh(
+        &id1,
+        "curl -sS -o /dev/null -w '%{http_code}' --max-time 20 http://deb.debian.org/debian/dists/trixie/Release",
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "200"),
+        "mirror unreachable: {err}"
+    );
+
+    // Unprivileged: the guest's root is a high, private uid on the host.
+    let (_, map, _) = node.sh(&id1, "cat /proc/self/uid_map");
+    let fields: Vec<u64> = map.split_whitespace().map(|f| f.parse().unwrap()).collect();
+    assert_eq!(fields[0], 0);
+    assert!(
+        fields[1] >= 1_000_000,
+        "guest root maps to host uid {}",
+        fields[1]
+    );
+    let (_, sleeper, _) = node.sh(&id1, "sleep 60 >/dev/null 2>&1 & echo started");
+    assert_eq!(sleeper.trim(), "started");
+    let host_uids = wait_for(
+        "the guest's sleep on the host",
+        Duration::from_secs(5),
+        || {
+            let out = std::process::Command::new("ps")
+                .args(["-eo", "uid=,args="])
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let uids: Vec<u64> = text
+                .lines()
+                .filter(|l| l.trim_end().ends_with("sleep 60"))
+                .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+                .collect();
+            (!uids.is_empty()).then_some(uids)
+        },
+    );
+    assert!(
+        host_uids.contains(&fields[1]),
+        "guest root should run as host uid {}, saw {host_uids:?}",
+        fields[1]
+    );
+
+    // Isolation: a second guest with a listener.
+    let c2 = node.json(&["containers", "create", "--name", "two"]);
+    let id2 = s(&c2, "id");
+    let ip2 = s(&c2, "ip");
+    assert_ne!(ip1, ip2);
+    let (code, _, err) = node.sh(
+        &id2,
+        "nohup systemd-socket-activate -l 0.0.0.0:8080 -a --inetd /bin/echo hello-from-two >/dev/null 2>&1 &",
+    );
+    assert_eq!(code, 0, "{err}");
+    // The host reaches it (the HTTPS front door will need that)...
+    let got = wait_for("the listener in guest two", Duration::from_secs(10), || {
+        let mut s = TcpStream::connect_timeout(
+            &format!("{ip2}:8080").parse().ok()?,
+            Duration::from_secs(1),
+        )
+        .ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        buf.contains("hello-from-two").then_some(buf)
+    });
+    assert!(got.contains("hello-from-two"));
+    // ...guest one does not.
+    let probe = format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{ip2}/8080 && cat <&3'");
+    let (code, out, _) = node.sh(&id1, &probe);
+    assert_ne!(code, 0, "guest one reached guest two: {out}");
+    assert!(!out.contains("hello-from-two"));
+    // Nor any service on the host, at any of its addresses.
+    let listener = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    TcpStream::connect(("127.0.0.1", port)).expect("the host listener works locally");
+    for addr in [host_ip(), "169.254.0.1".to_string()] {
+        let probe = format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{addr}/{port}'");
+        let (code, _, _) = node.sh(&id1, &probe);
+        assert_ne!(code, 0, "a guest reached the host at {addr}:{port}");
+    }
+    // The control socket is not in the guest's world.
+    let socket = node.dir.join("run/control.sock");
+    assert!(socket.exists());
+    let (code, _, _) = node.sh(
+        &id1,
+        &format!(
+            "test -e {} || test -e /run/hearth/control.sock",
+            socket.display()
+        ),
+    );
+    assert_ne!(code, 0, "the control socket is visible in the guest");
+
+    // Stop and start keep the guest's files.
+    let (code, _, _) = node.sh(&id1, "echo kept > /root/note");
+    assert_eq!(code, 0);
+    let v = node.json(&["containers", "stop", &id1]);
+    assert_eq!(s(&v, "status"), "stopped");
+    let (code, _, _) = node.sh(&id1, "true");
+    assert_ne!(code, 0, "exec in a stopped container must fail");
+    let v = node.json(&["containers", "start", &id1]);
+    assert_eq!(s(&v, "status"), "running");
+    let (_, note, _) = node.sh(&id1, "cat /root/note");
+    assert_eq!(note, "kept\n");
+
+    // Unknown ids and bad names: one-line errors, non-zero exits.
+    let out = node.hearth(&["containers", "get", "nosuchthing"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not found") && err.lines().count() == 1,
+        "{err}"
+    );
+    let out = node.hearth(&["containers", "create", "--name", "Bad_Name"]);
+    assert!(!out.status.success());
+
+    // Delete frees everything: rootfs subvolume, LXC definition, agent dir, veth, IP.
+    let veth1 = format!("{VETH_PREFIX}{id1}");
+    assert!(node.machine().veths.contains(&veth1));
+    let out = node.hearth(&["containers", "delete", &id1]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = node.machine();
+    assert!(!m.rootfs.contains(&id1), "{m:?}");
+    assert!(!m.lxc.contains(&id1), "{m:?}");
+    assert!(!m.agent_dirs.contains(&id1), "{m:?}");
+    assert!(!m.veths.contains(&veth1), "{m:?}");
+    let routes = std::process::Command::new("ip")
+        .args(["route", "show", &format!("{ip1}/32")])
+        .output()
+        .unwrap();
+    assert!(routes.stdout.is_empty(), "route to {ip1} left behind");
+    let c3 = node.json(&["containers", "create", "--name", "three"]);
+    assert_eq!(s(&c3, "ip"), ip1, "the freed IP is allocated again");
+
+    // Crash-only: SIGKILL hearthd in the middle of creates, restart, compare.
+    for delay_ms in [0u64, 10, 25, 45, 70] {
+        let name = format!("crash{delay_ms}");
+        let mut create = node
+            .command(&["containers", "create", "--name", &name])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        node.kill9();
+        let _ = create.wait();
+        // Guests keep running while hearthd is down.
+        let lxc = node.state_dir().join("lxc");
+        let out = std::process::Command::new("lxc-info")
+            .arg("-P")
+            .arg(&lxc)
+            .args(["-n", &format!("h-{id2}"), "-s"])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("RUNNING"),
+            "guest two stopped when hearthd died"
+        );
+        node.start_daemon();
+        let list = node.json(&["containers", "list"]);
+        let rows: Vec<&Value> = list["containers"].as_array().unwrap().iter().collect();
+        for r in &rows {
+            assert_eq!(s(r, "status"), "running", "after restart: {r}");
+        }
+        let mut ids: Vec<String> = rows.iter().map(|r| s(r, "id")).collect();
+        ids.sort();
+        let m = node.machine();
+        assert_eq!(m.lxc, ids, "LXC definitions vs store (delay {delay_ms} ms)");
+        assert_eq!(
+            m.rootfs, ids,
+            "rootfs subvolumes vs store (delay {delay_ms} ms)"
+        );
+        assert_eq!(
+            m.agent_dirs, ids,
+            "agent dirs vs store (delay {delay_ms} ms)"
+        );
+        let mut veths: Vec<String> = ids.iter().map(|i| format!("{VETH_PREFIX}{i}")).collect();
+        veths.sort();
+        assert_eq!(m.veths, veths, "veths vs store (delay {delay_ms} ms)");
+        // Whatever survived works.
+        for id in &ids {
+            let (code, _, err) = node.sh(id, "true");
+            assert_eq!(code, 0, "{id} after a crash: {err}");
+        }
+        if let Some(r) = rows.iter().find(|r| s(r, "name") == name) {
+            let _ = node.hearth(&["containers", "delete", &s(r, "id")]);
+        }
+    }
+    eprintln!("e2e: all steps passed");
+    let _ = std::io::stderr().flush();
+}
