@@ -9,13 +9,34 @@ setup:
 build:
     cargo build --release -p hearth-agent -p hearth-host
 
-# Start an agent and drive it with the hearth CLI.
+# Bring a node up on this machine (hearthd, pool, image), create a container "demo" and
+# print how to get into it.
+up: build
+    ./target/release/hearth up
+    ./target/release/hearth containers get demo >/dev/null 2>&1 || ./target/release/hearth containers create --name demo
+    ./target/release/hearth containers list
+    @echo
+    @echo "get in:   ./target/release/hearth containers shell demo"
+    @echo "run:      ./target/release/hearth containers exec demo -- uname -a"
+    @echo "copy:     ./target/release/hearth containers cp ./file demo:/root/file"
+
+# Stop the node's daemon (containers keep running; `just up` brings it back).
+down:
+    -kill $(cat /run/hearth/hearthd.pid)
+
+# Start an agent alone and drive it with the hearth CLI (no node needed).
 demo: build
     ./scripts/demo.sh
 
-# Every test in the workspace (unit, property, agent integration).
+# Every test in the workspace: unit, property, agent integration, and (as root) the
+# end-to-end node test on real LXC, btrfs and nftables.
 test:
+    cargo build --workspace --bins
     cargo test --workspace
+
+# Create/stop/delete timings against this node, beside the raw snapshot+start floor.
+bench-lifecycle *ARGS: build
+    ./target/release/hearth bench lifecycle --json {{ARGS}}
 
 fmt:
     cargo fmt --all

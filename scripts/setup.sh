@@ -13,7 +13,11 @@ fi
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found (install Rust with rustup)" >&2; exit 1; }
 
 # Debian packages. Add to this list, never install by hand.
-APT_PACKAGES=(build-essential pkg-config ca-certificates python3-pip)
+#   build:   compilers, libclang for lxc-sys's bindgen, liblxc and libsqlite3 headers
+#   node:    LXC, debootstrap (templates), btrfs, nftables, iproute2, zstd (image export)
+APT_PACKAGES=(build-essential pkg-config ca-certificates python3-pip clang libclang-dev
+  lxc lxc-dev libsqlite3-dev debootstrap btrfs-progs nftables iproute2 uidmap zstd xz-utils
+  curl procps)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,4 +38,9 @@ if ! command -v just >/dev/null 2>&1; then
   fi
 fi
 command -v just >/dev/null 2>&1 || { echo "setup: just is installed but not on PATH" >&2; exit 1; }
+# Unprivileged guests get their uids from root's subordinate range (hearthd also adds it
+# on start; doing it here makes a fresh machine ready before the first start).
+for f in /etc/subuid /etc/subgid; do
+  grep -q '^root:' "$f" 2>/dev/null || echo "root:1000000:1000000000" >> "$f"
+done
 log "setup done"
