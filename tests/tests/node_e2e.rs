@@ -190,6 +190,80 @@ fn node_end_to_end() {
     );
     assert_ne!(code, 0, "the control socket is visible in the guest");
 
+    // Limits reach the guest's cgroup.
+    let small = node.json(&[
+        "containers",
+        "create",
+        "--name",
+        "small",
+        "--memory",
+        "256",
+        "--pids",
+        "300",
+        "--cpus",
+        "0.5",
+        "--no-autostart",
+    ]);
+    let id_small = s(&small, "id");
+    let read = |parts: &[&str]| -> String {
+        let v1 = format!(
+            "/sys/fs/cgroup/{}/lxc.payload.h-{id_small}/{}",
+            parts[0], parts[1]
+        );
+        let v2 = format!("/sys/fs/cgroup/lxc.payload.h-{id_small}/{}", parts[2]);
+        std::fs::read_to_string(&v1)
+            .or_else(|_| std::fs::read_to_string(&v2))
+            .unwrap_or_else(|e| panic!("{v1} / {v2}: {e}"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        read(&["memory", "memory.limit_in_bytes", "memory.max"]),
+        (256u64 << 20).to_string()
+    );
+    assert_eq!(read(&["pids", "pids.max", "pids.max"]), "300");
+    let cpu = read(&["cpu", "cpu.cfs_quota_us", "cpu.max"]);
+    assert!(
+        cpu == "50000" || cpu.starts_with("50000 "),
+        "cpu quota {cpu}"
+    );
+    // A node "reboot": guests die while hearthd is down. On start, autostart guests come
+    // back and the others are recorded as stopped.
+    node.kill9();
+    let lxc = node.state_dir().join("lxc");
+    for id in [&id2, &id_small] {
+        let out = std::process::Command::new("lxc-stop")
+            .arg("-P")
+            .arg(&lxc)
+            .args(["-n", &format!("h-{id}"), "-k"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    node.start_daemon();
+    let two = node.json(&["containers", "get", &id2]);
+    assert_eq!(
+        s(&two, "status"),
+        "running",
+        "autostart guest after reboot: {two}"
+    );
+    let (code, _, err) = node.sh(&id2, "true");
+    assert_eq!(code, 0, "autostarted guest answers: {err}");
+    let small = node.json(&["containers", "get", &id_small]);
+    assert_eq!(s(&small, "status"), "stopped", "{small}");
+    let out = node.hearth(&["containers", "delete", &id_small]);
+    assert!(out.status.success());
+    // The listener in guest two is gone with its processes; start it again.
+    let (code, _, err) = node.sh(
+        &id2,
+        "nohup systemd-socket-activate -l 0.0.0.0:8080 -a --inetd /bin/echo hello-from-two >/dev/null 2>&1 &",
+    );
+    assert_eq!(code, 0, "{err}");
+
     // Stop and start keep the guest's files.
     let (code, _, _) = node.sh(&id1, "echo kept > /root/note");
     assert_eq!(code, 0);
@@ -232,6 +306,8 @@ fn node_end_to_end() {
         .output()
         .unwrap();
     assert!(routes.stdout.is_empty(), "route to {ip1} left behind");
+    let cgroups = hearth_host::runtime::lxc::cgroup_dirs(&format!("h-{id1}"));
+    assert!(cgroups.is_empty(), "cgroups left behind: {cgroups:?}");
     let c3 = node.json(&["containers", "create", "--name", "three"]);
     assert_eq!(s(&c3, "ip"), ip1, "the freed IP is allocated again");
 

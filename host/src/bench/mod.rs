@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod floor;
+pub mod lifecycle;
 pub mod placement;
 pub mod stats;
 

@@ -208,9 +208,11 @@ impl Runtime for LxcRuntime {
     fn undefine(&self, name: &str) -> Result<(), RuntimeError> {
         let dir = self.lxcpath.join(name);
         if !dir.exists() {
+            remove_cgroups(name);
             return Ok(());
         }
         self.kill(name)?;
+        remove_cgroups(name);
         // Not liblxc's destroy(): with a dir: rootfs it deletes the rootfs recursively,
         // and the rootfs belongs to the storage pool.
         std::fs::remove_dir_all(&dir).map_err(|source| RuntimeError::Io {
@@ -229,8 +231,81 @@ impl Runtime for LxcRuntime {
             .filter(|e| e.path().join("config").exists())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
+        // Containers whose cgroups outlived them (see `cgroup_dirs`).
+        names.extend(cgroup_names());
         names.sort();
+        names.dedup();
         Ok(names)
+    }
+}
+
+/// The cgroup directories liblxc made for `name` in every hierarchy. liblxc 5.0 often
+/// fails to remove its monitor cgroup ("Device or resource busy" while the monitor is
+/// still in it), so empty directories would pile up with every container.
+pub fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let roots: Vec<PathBuf> = match std::fs::read_dir("/sys/fs/cgroup") {
+        Ok(rd) => {
+            let mut r: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+            r.push("/sys/fs/cgroup".into());
+            r
+        }
+        Err(_) => return out,
+    };
+    for root in roots {
+        for kind in ["lxc.payload", "lxc.monitor"] {
+            let d = root.join(format!("{kind}.{name}"));
+            // Symlinked hierarchies (cpu -> cpu,cpuacct) would be visited twice.
+            if d.is_dir() && !root.is_symlink() {
+                out.push(d);
+            }
+        }
+    }
+    out
+}
+
+/// Container names that have a `lxc.payload.*` or `lxc.monitor.*` cgroup anywhere.
+fn cgroup_names() -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return out;
+    };
+    let mut roots: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+    roots.push("/sys/fs/cgroup".into());
+    for root in roots {
+        let Ok(rd) = std::fs::read_dir(&root) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some(name) = n
+                .strip_prefix("lxc.payload.")
+                .or_else(|| n.strip_prefix("lxc.monitor."))
+            {
+                out.push(name.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Removes a stopped container's cgroups, children first (systemd in the guest makes
+/// its own). A cgroup that still has processes cannot be removed and is left alone.
+fn remove_cgroups(name: &str) {
+    fn rmdir_tree(d: &Path) {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    rmdir_tree(&e.path());
+                }
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(d) {
+            tracing::debug!("cgroup {} stays: {e}", d.display());
+        }
+    }
+    for d in cgroup_dirs(name) {
+        rmdir_tree(&d);
     }
 }
 

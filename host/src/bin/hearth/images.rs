@@ -56,12 +56,11 @@ pub fn open_pool(cfg: &Config) -> anyhow::Result<BtrfsPool> {
     BtrfsPool::open(&cfg.pool).context("open the storage pool")
 }
 
-pub fn build(cfg: &Config, pool: &dyn Storage, name: &str, bin: PathBuf) -> anyhow::Result<()> {
+pub fn build(pool: &dyn Storage, name: &str, bin: PathBuf) -> anyhow::Result<()> {
     let spec = DebianSpec::debian13(bin, AGENT_UNIT.to_string());
     let progress = ConsoleProgress::new(&format!("image {name}"));
     let m = hearth_host::pool::build_image(pool, name, &spec, &progress)
         .with_context(|| format!("build image {name}"))?;
-    let _ = cfg;
     eprintln!(
         "image {name}: {} packages, {} MiB",
         m.packages.len(),
@@ -75,7 +74,7 @@ pub fn run(cfg: &Config, cmd: ImageCmd, json: bool) -> anyhow::Result<i32> {
     match cmd {
         ImageCmd::Build { name, agent_bin: b } => {
             let bin = agent_bin(cfg, b)?;
-            build(cfg, &pool, &name, bin)?;
+            build(&pool, &name, bin)?;
         }
         ImageCmd::List => {
             let images = pool.list_images()?;

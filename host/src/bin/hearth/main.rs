@@ -159,6 +159,21 @@ enum BenchCmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// A container's life through the running node (create to agent ready and to systemd
+    /// running, stop, delete, idle memory) beside a bare snapshot + liblxc start of the
+    /// same template. Creates and removes its own project `bench-<pid>`.
+    Lifecycle {
+        /// Measured rounds (creates, and as many floor starts); at least 20 for a p99
+        /// worth reading.
+        #[arg(long, default_value_t = 20)]
+        n: usize,
+        /// The image to create from (default: the node's default image).
+        #[arg(long)]
+        image: Option<String>,
+        /// Milliseconds between `systemctl is-system-running` polls in the guest.
+        #[arg(long, default_value_t = 10)]
+        poll_ms: u64,
+    },
     /// The far end of a floor measurement (internal).
     #[command(hide = true)]
     Peer {
@@ -235,6 +250,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 opts.file_bytes = file_bytes;
                 opts.dir = dir;
                 let report = hearth_host::bench::agent::run_agent_bench(&opts).await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(0)
+            }
+            BenchCmd::Lifecycle { n, image, poll_ms } => {
+                let opts = hearth_host::bench::lifecycle::LifecycleOptions {
+                    n,
+                    image,
+                    systemd_poll: std::time::Duration::from_millis(poll_ms),
+                    ..Default::default()
+                };
+                let report =
+                    hearth_host::bench::lifecycle::run_lifecycle_bench(&cfg, &ctl, &opts).await?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 Ok(0)
             }

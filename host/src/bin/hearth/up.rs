@@ -29,7 +29,7 @@ pub async fn up(cfg: &Config, config_path: &Path, ctl: &ControlClient) -> anyhow
                 cfg2.default_image
             );
             let bin = images::agent_bin(&cfg2, None)?;
-            images::build(&cfg2, &pool, &cfg2.default_image, bin)?;
+            images::build(&pool, &cfg2.default_image, bin)?;
         }
         Ok(())
     })
