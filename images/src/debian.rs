@@ -139,6 +139,7 @@ fn build_steps(
 
     progress.phase("clean");
     guest::clean(target)?;
+    guest::mark_updated(target)?;
 
     progress.phase("manifest");
     let created = now_rfc3339();

@@ -5,8 +5,9 @@
 //! of it, no agent, no network), then one container through hearthd: create (returns
 //! when the agent answered), systemd reaching `running`, on a few rounds the idle memory
 //! after it settled, a clean stop and a delete. Rounds alternate floor and API so drift
-//! on the machine (page cache, other guests) hits both figures alike, and every guest is
-//! gone before the next round starts, so no round measures another one's boot.
+//! on the machine (page cache, other guests) hits both figures alike. Every guest is gone,
+//! the pool's writes committed and the machine given a moment (see [`QUIESCE`]) before the
+//! next timed start, so no start pays for the previous guest's teardown.
 //!
 //! Everything the benchmark creates is removed again, also on error and on Ctrl-C: its
 //! project with all containers in it (through the API), floor containers, snapshots and
@@ -33,8 +34,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Unmeasured rounds first: the first boot after a quiet spell pulls the template's
-/// files into the page cache, a one-time cost that would otherwise be the whole p99.
+/// Unmeasured rounds first: the first start after a quiet spell meets cold caches (the
+/// pool's loop file, hearthd's and liblxc's code), a one-time cost that would otherwise
+/// be the whole p99.
 const WARMUP_ROUNDS: usize = 1;
 
 /// Pause before each timed start, after the pool's pending writes were committed, so the
