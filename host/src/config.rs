@@ -32,6 +32,8 @@ pub struct DefaultLimits {
     pub pids: u64,
     /// Seconds a clean shutdown may take before the container is killed.
     pub stop_timeout_secs: i32,
+    /// Snapshots a container may keep.
+    pub max_snapshots: usize,
 }
 
 impl Default for DefaultLimits {
@@ -41,6 +43,7 @@ impl Default for DefaultLimits {
             cpus: 2.0,
             pids: 4096,
             stop_timeout_secs: 10,
+            max_snapshots: 50,
         }
     }
 }

@@ -49,6 +49,29 @@ fn internal(e: impl Into<anyhow::Error>) -> NodeError {
     NodeError::Internal(e.into())
 }
 
+/// What a new container's rootfs is made from.
+enum Source {
+    Image(String),
+    /// A snapshot or another container's rootfs (copy, branch).
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CopyRequest {
+    pub name: String,
+    /// Defaults to the source's project.
+    pub target_project_id: Option<String>,
+    /// Branch from this snapshot (name or alias) instead of the current state.
+    pub source_snapshot: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SnapshotRequest {
+    pub alias: Option<String>,
+    /// Days until the snapshot is swept (1-3650).
+    pub expiry: Option<u32>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct CreateRequest {
     pub name: String,
@@ -233,15 +256,28 @@ impl Node {
             pids,
             req.autostart,
         )?;
+        self.finish_create(row, Source::Image(image)).await
+    }
+
+    /// Provisions and boots a freshly allocated container, or rolls everything back.
+    async fn finish_create(
+        &self,
+        row: ContainerRow,
+        source: Source,
+    ) -> Result<ContainerRow, NodeError> {
         let lock = self.lock_for(&row.id);
         let _guard = lock.lock().await;
-        match self.provision_and_start(&row).await {
+        match self.provision_and_start(&row, source).await {
             Ok(()) => {
                 self.store().set_state(&row.id, State::Running, None)?;
                 Ok(self.store().container(&row.id)?)
             }
             Err(e) => {
-                tracing::warn!("create {}/{} failed, rolling back: {e}", project, req.name);
+                tracing::warn!(
+                    "create {}/{} failed, rolling back: {e}",
+                    row.project,
+                    row.name
+                );
                 if let Err(p) = self.purge(&row).await {
                     tracing::error!(
                         "rollback of {} incomplete (reconcile will retry): {p}",
@@ -314,19 +350,18 @@ impl Node {
         }
     }
 
-    async fn provision_and_start(&self, c: &ContainerRow) -> Result<(), NodeError> {
+    async fn provision_and_start(&self, c: &ContainerRow, source: Source) -> Result<(), NodeError> {
         let pool = self.pool.clone();
         let runtime = self.runtime.clone();
         let spec = self.spec(c);
         let resolv = net::resolv_conf(&self.cfg.network).map_err(internal)?;
-        let (id, image, name, secret) = (
-            c.id.clone(),
-            c.image.clone(),
-            c.name.clone(),
-            c.secret_hex.clone(),
-        );
+        let (id, name, secret) = (c.id.clone(), c.name.clone(), c.secret_hex.clone());
         blocking(move || {
-            let rootfs = pool.create_rootfs(&image, &id).map_err(internal)?;
+            let rootfs = match source {
+                Source::Image(image) => pool.create_rootfs(&image, &id),
+                Source::Path(src) => pool.create_rootfs_from(&src, &id),
+            }
+            .map_err(internal)?;
             provision_rootfs(&rootfs, &name, &resolv, &secret).map_err(internal)?;
             make_agent_dir(&spec.agent_dir).map_err(internal)?;
             runtime.define(&spec).map_err(internal)
@@ -414,6 +449,223 @@ impl Node {
         self.purge(&c).await
     }
 
+    /// Takes a read-only snapshot of a container's rootfs (running or not). The row is
+    /// written first (`creating`), so a crash mid-way is cleaned up by reconcile.
+    pub async fn snapshot(
+        &self,
+        key: &str,
+        req: SnapshotRequest,
+    ) -> Result<crate::store::SnapshotRow, NodeError> {
+        let c = self.get(key)?;
+        if matches!(c.state, State::Creating | State::Deleting) {
+            return Err(NodeError::Conflict(format!(
+                "container is {}",
+                c.state.as_str()
+            )));
+        }
+        if let Some(days) = req.expiry {
+            if !(1..=3650).contains(&days) {
+                return Err(NodeError::Invalid("expiry is 1-3650 days".into()));
+            }
+        }
+        if let Some(a) = &req.alias {
+            if a.is_empty() || a.len() > 100 {
+                return Err(NodeError::Invalid("alias is 1-100 characters".into()));
+            }
+        }
+        let lock = self.lock_for(&c.id);
+        let _guard = lock.lock().await;
+        let row = {
+            let store = self.store();
+            let existing = store.snapshots(Some(&c.id))?;
+            let max = self.cfg.defaults.max_snapshots;
+            if existing.len() >= max {
+                return Err(NodeError::Conflict(format!(
+                    "container {} has {} snapshots, the limit is {max}; delete some first",
+                    c.name,
+                    existing.len()
+                )));
+            }
+            if let Some(a) = &req.alias {
+                if existing
+                    .iter()
+                    .any(|s| s.alias.as_deref() == Some(a.as_str()))
+                {
+                    return Err(NodeError::Conflict(format!("alias {a} is taken")));
+                }
+            }
+            let now = time::OffsetDateTime::now_utc();
+            let mut name = snapshot_name(now);
+            let mut n = 1;
+            while existing.iter().any(|s| s.name == name) {
+                n += 1;
+                name = format!("{}-{n}", snapshot_name(now));
+            }
+            let fmt = &time::format_description::well_known::Rfc3339;
+            let row = crate::store::SnapshotRow {
+                container_id: c.id.clone(),
+                name,
+                alias: req.alias.clone(),
+                created_at: now.format(fmt).unwrap_or_default(),
+                expires_at: req.expiry.map(|d| {
+                    (now + time::Duration::days(d.into()))
+                        .format(fmt)
+                        .unwrap_or_default()
+                }),
+                state: "creating".into(),
+            };
+            store.insert_snapshot(&row)?;
+            row
+        };
+        let pool = self.pool.clone();
+        let (id, name) = (c.id.clone(), row.name.clone());
+        let made = blocking(move || pool.snapshot_container(&id, &name).map_err(internal)).await;
+        if let Err(e) = made {
+            self.store().delete_snapshot(&c.id, &row.name)?;
+            return Err(e);
+        }
+        self.store().set_snapshot_state(&c.id, &row.name, "ready")?;
+        Ok(self.store().snapshot(&c.id, &row.name)?)
+    }
+
+    pub fn snapshots(
+        &self,
+        key: &str,
+    ) -> Result<(ContainerRow, Vec<crate::store::SnapshotRow>), NodeError> {
+        let c = self.get(key)?;
+        let snaps = self
+            .store()
+            .snapshots(Some(&c.id))?
+            .into_iter()
+            .filter(|s| s.state == "ready")
+            .collect();
+        Ok((c, snaps))
+    }
+
+    pub async fn delete_snapshot(&self, key: &str, snap: &str) -> Result<(), NodeError> {
+        let c = self.get(key)?;
+        let s = self.store().snapshot(&c.id, snap)?;
+        self.store()
+            .set_snapshot_state(&c.id, &s.name, "deleting")?;
+        let pool = self.pool.clone();
+        let (id, name) = (c.id.clone(), s.name.clone());
+        blocking(move || pool.delete_snapshot(&id, &name).map_err(internal)).await?;
+        self.store().delete_snapshot(&c.id, &s.name)?;
+        Ok(())
+    }
+
+    pub fn alias_snapshot(
+        &self,
+        key: &str,
+        snap: &str,
+        alias: Option<&str>,
+    ) -> Result<(), NodeError> {
+        let c = self.get(key)?;
+        let s = self.store().snapshot(&c.id, snap)?;
+        if let Some(a) = alias {
+            let taken = self
+                .store()
+                .snapshots(Some(&c.id))?
+                .iter()
+                .any(|o| o.name != s.name && o.alias.as_deref() == Some(a));
+            if taken {
+                return Err(NodeError::Conflict(format!("alias {a} is taken")));
+            }
+        }
+        self.store().set_snapshot_alias(&c.id, &s.name, alias)?;
+        Ok(())
+    }
+
+    /// Stops the guest if it runs, swaps its rootfs for a writable copy of the snapshot
+    /// (one atomic rename), and starts it again if it was running.
+    pub async fn restore(&self, key: &str, snap: &str) -> Result<ContainerRow, NodeError> {
+        let c = self.get(key)?;
+        let s = self.store().snapshot(&c.id, snap)?;
+        if s.state != "ready" {
+            return Err(NodeError::Conflict(format!(
+                "snapshot {} is {}",
+                s.name, s.state
+            )));
+        }
+        let lock = self.lock_for(&c.id);
+        let _guard = lock.lock().await;
+        let c = self.get(&c.id)?;
+        let was_running = c.state == State::Running;
+        let runtime = self.runtime.clone();
+        let pool = self.pool.clone();
+        let lxc = Self::lxc_name(&c.id);
+        let timeout = self.cfg.defaults.stop_timeout_secs;
+        let (id, name) = (c.id.clone(), s.name.clone());
+        // Killed, not shut down: its file system is about to be replaced, so nothing a
+        // clean shutdown would write can matter (and it costs ~200 ms).
+        blocking(move || {
+            runtime.kill(&lxc).map_err(internal)?;
+            pool.restore_rootfs(&id, &name).map_err(internal)
+        })
+        .await?;
+        self.forget_agent(&c.id);
+        if was_running {
+            self.boot(&c).await?;
+            self.store().set_state(&c.id, State::Running, None)?;
+        } else {
+            self.store().set_state(&c.id, State::Stopped, None)?;
+        }
+        self.get(&c.id)
+    }
+
+    /// A new container from a snapshot (branch) or from a container's current state
+    /// (copy), with its own identity: id, IP, uid block, secret, hostname, machine-id.
+    pub async fn copy(&self, key: &str, req: CopyRequest) -> Result<ContainerRow, NodeError> {
+        let src = self.get(key)?;
+        if !valid_name(&req.name) {
+            return Err(NodeError::Invalid(format!(
+                "container name {:?}: use 1-63 of a-z, 0-9 and '-'",
+                req.name
+            )));
+        }
+        let project = req.target_project_id.clone().unwrap_or(src.project.clone());
+        let path = match &req.source_snapshot {
+            Some(snap) => {
+                let s = self.store().snapshot(&src.id, snap)?;
+                self.pool.snapshot_path(&src.id, &s.name)
+            }
+            None => self.pool.rootfs(&src.id),
+        };
+        let row = self.allocate(
+            &project,
+            &req.name,
+            &src.image,
+            src.memory_bytes >> 20,
+            src.cpus,
+            src.pids,
+            Some(src.autostart),
+        )?;
+        self.finish_create(row, Source::Path(path)).await
+    }
+
+    /// Deletes snapshots whose expiry has passed.
+    pub async fn sweep_expired(&self) -> Result<Vec<String>, NodeError> {
+        let now = time::OffsetDateTime::now_utc();
+        let fmt = &time::format_description::well_known::Rfc3339;
+        let expired: Vec<_> = self
+            .store()
+            .snapshots(None)?
+            .into_iter()
+            .filter(|s| {
+                s.expires_at
+                    .as_deref()
+                    .and_then(|e| time::OffsetDateTime::parse(e, fmt).ok())
+                    .is_some_and(|e| e <= now)
+            })
+            .collect();
+        let mut done = Vec::new();
+        for s in expired {
+            self.delete_snapshot(&s.container_id, &s.name).await?;
+            done.push(format!("{}/{}", s.container_id, s.name));
+        }
+        Ok(done)
+    }
+
     /// Removes every trace of a container, in an order that is safe to repeat: the guest,
     /// its network, its rootfs, its agent directory, and last its row (so a crash
     /// part-way leaves a row that reconcile purges again).
@@ -484,6 +736,25 @@ impl Node {
                 }
             }
         }
+        // Snapshot work that was interrupted, and restores cut off mid-swap.
+        let snaps = self.store().snapshots(None)?;
+        for sn in snaps.iter().filter(|s| s.state != "ready") {
+            let pool = self.pool.clone();
+            let (id, name) = (sn.container_id.clone(), sn.name.clone());
+            blocking(move || pool.delete_snapshot(&id, &name).map_err(internal)).await?;
+            self.store().delete_snapshot(&sn.container_id, &sn.name)?;
+            report.push(format!(
+                "{}/{}: interrupted snapshot removed",
+                sn.container_id, sn.name
+            ));
+        }
+        for c in self.store().containers(None)? {
+            let pool = self.pool.clone();
+            blocking(move || pool.recover_container(&c.id).map_err(internal)).await?;
+        }
+        for s in self.sweep_expired().await? {
+            report.push(format!("{s}: expired snapshot deleted"));
+        }
         // Things on the machine the store does not know: leftovers of a crash between
         // creating them and recording them (or of a store that was reset).
         let known: std::collections::HashSet<String> = self
@@ -552,6 +823,19 @@ fn purge_machine(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(internal(anyhow::anyhow!("{}: {e}", agent_dir.display()))),
     }
+}
+
+/// `s20261123-041512`: sortable, and valid as a subvolume name.
+fn snapshot_name(t: time::OffsetDateTime) -> String {
+    format!(
+        "s{:04}{:02}{:02}-{:02}{:02}{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
 }
 
 /// Ten lowercase alphanumerics: short enough for interface names, random enough to

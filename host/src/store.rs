@@ -84,6 +84,18 @@ pub struct ContainerRow {
     pub error: Option<String>,
 }
 
+/// A snapshot as recorded. `state` is `creating`, `ready` or `deleting`: the intent is
+/// written before the subvolume is made or removed, so reconcile can finish the job.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotRow {
+    pub container_id: String,
+    pub name: String,
+    pub alias: Option<String>,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub state: String,
+}
+
 pub struct Store {
     conn: Connection,
 }
@@ -112,6 +124,15 @@ CREATE TABLE IF NOT EXISTS containers (
     created_at TEXT NOT NULL,
     error TEXT,
     UNIQUE (project, name)
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    container_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    alias TEXT,
+    created_at TEXT NOT NULL,
+    expires_at TEXT,
+    state TEXT NOT NULL,
+    PRIMARY KEY (container_id, name)
 );
 "#;
 
@@ -331,6 +352,88 @@ impl Store {
     pub fn delete_container(&self, id: &str) -> Result<(), StoreError> {
         self.conn
             .execute("DELETE FROM containers WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    pub fn insert_snapshot(&self, s: &SnapshotRow) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO snapshots (container_id, name, alias, created_at, expires_at, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    s.container_id,
+                    s.name,
+                    s.alias,
+                    s.created_at,
+                    s.expires_at,
+                    s.state
+                ],
+            )
+            .map_err(|e| conflict(e, &format!("snapshot {}", s.name)))?;
+        Ok(())
+    }
+
+    /// Every snapshot, or one container's, oldest first.
+    pub fn snapshots(&self, container_id: Option<&str>) -> Result<Vec<SnapshotRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT container_id, name, alias, created_at, expires_at, state FROM snapshots
+             WHERE (?1 IS NULL OR container_id = ?1) ORDER BY created_at, name",
+        )?;
+        let rows = st.query_map([container_id], |r| {
+            Ok(SnapshotRow {
+                container_id: r.get(0)?,
+                name: r.get(1)?,
+                alias: r.get(2)?,
+                created_at: r.get(3)?,
+                expires_at: r.get(4)?,
+                state: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Finds a snapshot by name or alias.
+    pub fn snapshot(&self, container_id: &str, key: &str) -> Result<SnapshotRow, StoreError> {
+        self.snapshots(Some(container_id))?
+            .into_iter()
+            .find(|s| s.name == key || s.alias.as_deref() == Some(key))
+            .ok_or_else(|| StoreError::NotFound(format!("snapshot {key}")))
+    }
+
+    pub fn set_snapshot_state(
+        &self,
+        container_id: &str,
+        name: &str,
+        state: &str,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE snapshots SET state = ?3 WHERE container_id = ?1 AND name = ?2",
+            params![container_id, name, state],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_snapshot_alias(
+        &self,
+        container_id: &str,
+        name: &str,
+        alias: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let n = self.conn.execute(
+            "UPDATE snapshots SET alias = ?3 WHERE container_id = ?1 AND name = ?2",
+            params![container_id, name, alias],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("snapshot {name}")));
+        }
+        Ok(())
+    }
+
+    pub fn delete_snapshot(&self, container_id: &str, name: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "DELETE FROM snapshots WHERE container_id = ?1 AND name = ?2",
+            params![container_id, name],
+        )?;
         Ok(())
     }
 

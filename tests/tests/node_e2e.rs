@@ -276,6 +276,77 @@ fn node_end_to_end() {
     let (_, note, _) = node.sh(&id1, "cat /root/note");
     assert_eq!(note, "kept\n");
 
+    // Snapshots: restore brings back what was changed or deleted since.
+    let (code, _, _) = node.sh(
+        &id1,
+        "mkdir -p /srv && echo v1 > /srv/state && echo keep > /srv/doomed",
+    );
+    assert_eq!(code, 0);
+    let snap = node.json(&["snapshots", "create", &id1, "--alias", "before"]);
+    let snap_name = s(&snap["snapshot"], "name");
+    let (code, _, _) = node.sh(&id1, "echo v2 > /srv/state && rm /srv/doomed");
+    assert_eq!(code, 0);
+    let list = node.json(&["snapshots", "list", &id1]);
+    assert_eq!(list["snapshot_count"], 1, "{list}");
+    let v = node.json(&["snapshots", "restore", &id1, "before"]);
+    assert_eq!(s(&v, "status"), "running");
+    let (_, state, _) = node.sh(&id1, "cat /srv/state /srv/doomed");
+    assert_eq!(state, "v1\nkeep\n", "restore did not bring the files back");
+    // A branch of the snapshot is a new computer with its own identity.
+    let br = node.json(&[
+        "containers",
+        "copy",
+        &id1,
+        "--name",
+        "branch",
+        "--from-snapshot",
+        &snap_name,
+    ]);
+    let idb = s(&br, "id");
+    assert_ne!(s(&br, "ip"), ip1);
+    let (_, bstate, _) = node.sh(&idb, "cat /srv/state; hostname");
+    assert_eq!(bstate, "v1\nbranch\n");
+    let mid = |id: &str| node.sh(id, "cat /etc/machine-id").1;
+    let m1 = mid(&id1);
+    assert!(!m1.trim().is_empty());
+    let mb = wait_for("the branch's machine-id", Duration::from_secs(10), || {
+        let m = mid(&idb);
+        (!m.trim().is_empty()).then_some(m)
+    });
+    assert_ne!(m1, mb, "a branch must get its own machine-id");
+    // hearthd killed in the middle of a restore: the guest keeps a whole rootfs.
+    let mut restore = node
+        .command(&["snapshots", "restore", &id1, &snap_name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(15));
+    node.kill9();
+    let _ = restore.wait();
+    node.start_daemon();
+    let v = node.json(&["containers", "get", &id1]);
+    assert_eq!(s(&v, "status"), "running", "{v}");
+    let (_, state, err) = node.sh(&id1, "cat /srv/state");
+    assert_eq!(state, "v1\n", "after an interrupted restore: {err}");
+    assert!(
+        !node
+            .pool()
+            .join("containers")
+            .join(&id1)
+            .join("rootfs.incoming")
+            .exists(),
+        "a half-restored rootfs was left behind"
+    );
+    let out = node.hearth(&["snapshots", "delete", &id1, &snap_name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = node.hearth(&["containers", "delete", &idb]);
+    assert!(out.status.success());
+
     // Unknown ids and bad names: one-line errors, non-zero exits.
     let out = node.hearth(&["containers", "get", "nosuchthing"]);
     assert!(!out.status.success());
@@ -298,6 +369,10 @@ fn node_end_to_end() {
     );
     let m = node.machine();
     assert!(!m.rootfs.contains(&id1), "{m:?}");
+    assert!(
+        !node.pool().join("snapshots").join(&id1).exists(),
+        "snapshots of a deleted container were left behind"
+    );
     assert!(!m.lxc.contains(&id1), "{m:?}");
     assert!(!m.agent_dirs.contains(&id1), "{m:?}");
     assert!(!m.veths.contains(&veth1), "{m:?}");

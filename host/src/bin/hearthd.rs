@@ -79,6 +79,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         socket.display()
     );
+    let sweeper = node.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            match sweeper.sweep_expired().await {
+                Ok(done) => {
+                    for s in done {
+                        tracing::info!("expired snapshot {s} deleted");
+                    }
+                }
+                Err(e) => tracing::warn!("sweeping expired snapshots: {e}"),
+            }
+        }
+    });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = hearth_host::control::serve(node, &socket) => r,

@@ -1,7 +1,7 @@
 //! Routes of the control API. Handlers are thin: parse, call the node, wrap the answer.
 
 use super::AGENT_UPGRADE;
-use crate::node::{CreateRequest, Node, NodeError};
+use crate::node::{CopyRequest, CreateRequest, Node, NodeError, SnapshotRequest};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -31,6 +31,19 @@ pub fn router(node: Arc<Node>) -> Router {
             get(get_container).delete(delete_container),
         )
         .route("/api/v1/containers/{id}/info", get(container_info))
+        .route(
+            "/api/v1/containers/{id}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/api/v1/containers/{id}/snapshots/{name}",
+            axum::routing::put(restore_snapshot).delete(delete_snapshot),
+        )
+        .route(
+            "/api/v1/containers/{id}/snapshots/{name}/alias",
+            axum::routing::put(alias_snapshot),
+        )
+        .route("/api/v1/containers/{id}/copy", post(copy_container))
         .route("/api/v1/containers/{id}/agent", get(agent_upgrade))
         .route("/api/v1/containers/{id}/{operation}", post(operation))
         .with_state(node)
@@ -208,6 +221,91 @@ async fn operation(State(node): Node_, Path((id, op)): Path<(String, String)>) -
         StatusCode::OK,
         &format!("{op} done"),
         json!({ "operation": op, "container_id": c.id, "status": c.state.as_str() }),
+    )
+}
+
+fn snapshot_json(s: &crate::store::SnapshotRow) -> Value {
+    json!({
+        "name": s.name, "alias": s.alias, "created_at": s.created_at,
+        "expires_at": s.expires_at, "stateful": false, "size": null,
+    })
+}
+
+async fn list_snapshots(State(node): Node_, Path(id): Path<String>) -> ApiResult {
+    let (c, snaps) = node.snapshots(&id)?;
+    let list: Vec<Value> = snaps.iter().map(snapshot_json).collect();
+    ok(
+        StatusCode::OK,
+        "snapshots",
+        json!({
+            "container_id": c.id, "project_id": c.project, "snapshot_count": list.len(),
+            "max_snapshots": node.cfg.defaults.max_snapshots, "snapshots": list,
+        }),
+    )
+}
+
+async fn create_snapshot(
+    State(node): Node_,
+    Path(id): Path<String>,
+    body: Option<Json<SnapshotRequest>>,
+) -> ApiResult {
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let s = node.snapshot(&id, req).await?;
+    ok(
+        StatusCode::CREATED,
+        "snapshot created",
+        json!({ "snapshot": snapshot_json(&s) }),
+    )
+}
+
+async fn restore_snapshot(
+    State(node): Node_,
+    Path((id, name)): Path<(String, String)>,
+) -> ApiResult {
+    let c = node.restore(&id, &name).await?;
+    ok(
+        StatusCode::OK,
+        "snapshot restored",
+        json!({ "success": true, "container_id": c.id, "status": c.state.as_str(), "snapshot": name }),
+    )
+}
+
+async fn delete_snapshot(
+    State(node): Node_,
+    Path((id, name)): Path<(String, String)>,
+) -> ApiResult {
+    node.delete_snapshot(&id, &name).await?;
+    ok(StatusCode::OK, "snapshot deleted", Value::Null)
+}
+
+#[derive(Deserialize)]
+struct AliasBody {
+    alias: Option<String>,
+}
+
+async fn alias_snapshot(
+    State(node): Node_,
+    Path((id, name)): Path<(String, String)>,
+    Json(b): Json<AliasBody>,
+) -> ApiResult {
+    node.alias_snapshot(&id, &name, b.alias.as_deref())?;
+    ok(
+        StatusCode::OK,
+        "alias set",
+        json!({ "name": name, "alias": b.alias }),
+    )
+}
+
+async fn copy_container(
+    State(node): Node_,
+    Path(id): Path<String>,
+    Json(req): Json<CopyRequest>,
+) -> ApiResult {
+    let c = node.copy(&id, req).await?;
+    ok(
+        StatusCode::CREATED,
+        "container copied",
+        to_value(node.view(&c))?,
     )
 }
 

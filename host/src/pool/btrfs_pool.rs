@@ -281,6 +281,8 @@ impl Storage for BtrfsPool {
 
     fn delete_container(&self, id: &str) -> Result<(), PoolError> {
         validate("container id", id)?;
+        // Its snapshots go with it (a branch made from one is its own subvolume).
+        remove_tree(&self.root.join("snapshots").join(id))?;
         let dir = self.containers.join(id);
         match std::fs::symlink_metadata(&dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -306,6 +308,118 @@ impl Storage for BtrfsPool {
 
     fn raw_snapshot(&self, src: &Path, dst: &Path, readonly: bool) -> Result<(), PoolError> {
         Ok(btrfs::snapshot(src, dst, readonly)?)
+    }
+
+    fn snapshot_path(&self, id: &str, name: &str) -> PathBuf {
+        self.root.join("snapshots").join(id).join(name)
+    }
+
+    fn snapshot_container(&self, id: &str, name: &str) -> Result<PathBuf, PoolError> {
+        validate("container id", id)?;
+        validate("snapshot name", name)?;
+        let src = self.rootfs(id);
+        if !btrfs::is_subvolume(&src)? {
+            return Err(PoolError::NotFound {
+                what: "container",
+                name: id.to_string(),
+            });
+        }
+        let dir = self.root.join("snapshots").join(id);
+        make_dir(&dir, 0o700)?;
+        let dst = dir.join(name);
+        if std::fs::symlink_metadata(&dst).is_ok() {
+            return Err(PoolError::AlreadyExists {
+                what: "snapshot",
+                name: name.to_string(),
+            });
+        }
+        btrfs::snapshot(&src, &dst, true)?;
+        Ok(dst)
+    }
+
+    fn list_snapshots(&self, id: &str) -> Result<Vec<String>, PoolError> {
+        validate("container id", id)?;
+        let dir = self.root.join("snapshots").join(id);
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(PoolError::io("read directory", &dir)(e)),
+        };
+        let mut names: Vec<String> = rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| is_valid(n))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn delete_snapshot(&self, id: &str, name: &str) -> Result<(), PoolError> {
+        validate("container id", id)?;
+        validate("snapshot name", name)?;
+        remove_tree(&self.snapshot_path(id, name))
+    }
+
+    fn restore_rootfs(&self, id: &str, name: &str) -> Result<(), PoolError> {
+        validate("container id", id)?;
+        validate("snapshot name", name)?;
+        let snap = self.snapshot_path(id, name);
+        if !btrfs::is_subvolume(&snap)? {
+            return Err(PoolError::NotFound {
+                what: "snapshot",
+                name: name.to_string(),
+            });
+        }
+        let rootfs = self.rootfs(id);
+        let incoming = rootfs.with_file_name("rootfs.incoming");
+        remove_tree(&incoming)?;
+        btrfs::snapshot(&snap, &incoming, false)?;
+        // The swap: the restored tree becomes `rootfs`, the old one `rootfs.incoming`.
+        renameat2(
+            AT_FDCWD,
+            &incoming,
+            AT_FDCWD,
+            &rootfs,
+            RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|e| PoolError::Io {
+            op: "swap in the restored rootfs",
+            path: rootfs.clone(),
+            source: e.into(),
+        })?;
+        remove_tree(&incoming)
+    }
+
+    fn create_rootfs_from(&self, src: &Path, id: &str) -> Result<PathBuf, PoolError> {
+        validate("container id", id)?;
+        if !btrfs::is_subvolume(src)? {
+            return Err(PoolError::NotFound {
+                what: "source",
+                name: src.display().to_string(),
+            });
+        }
+        let dir = self.containers.join(id);
+        DirBuilder::new()
+            .mode(0o711)
+            .create(&dir)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => PoolError::AlreadyExists {
+                    what: "container",
+                    name: id.to_string(),
+                },
+                _ => PoolError::io("create directory", &dir)(e),
+            })?;
+        let rootfs = dir.join("rootfs");
+        if let Err(e) = btrfs::snapshot(src, &rootfs, false) {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e.into());
+        }
+        Ok(rootfs)
+    }
+
+    fn recover_container(&self, id: &str) -> Result<(), PoolError> {
+        validate("container id", id)?;
+        remove_tree(&self.containers.join(id).join("rootfs.incoming"))
     }
 }
 

@@ -85,4 +85,21 @@ pub trait Storage: Send + Sync {
     /// A bare snapshot between arbitrary paths in the pool, for benchmarks that measure
     /// the storage floor under hearth's own operations.
     fn raw_snapshot(&self, src: &Path, dst: &Path, readonly: bool) -> Result<(), PoolError>;
+
+    /// Where snapshot `name` of container `id` lives.
+    fn snapshot_path(&self, id: &str, name: &str) -> PathBuf;
+    /// A read-only snapshot of the container's rootfs as `snapshots/<id>/<name>`.
+    fn snapshot_container(&self, id: &str, name: &str) -> Result<PathBuf, PoolError>;
+    fn list_snapshots(&self, id: &str) -> Result<Vec<String>, PoolError>;
+    /// Missing is Ok (idempotent, for crash recovery).
+    fn delete_snapshot(&self, id: &str, name: &str) -> Result<(), PoolError>;
+    /// Replaces the container's rootfs with a writable copy of snapshot `name`. The
+    /// swap is one atomic rename: a crash leaves the old rootfs or the new one, never
+    /// none; leftovers are cleared by [`Storage::recover_container`].
+    fn restore_rootfs(&self, id: &str, name: &str) -> Result<(), PoolError>;
+    /// A new container's rootfs as a writable snapshot of `src` (a snapshot or another
+    /// container's rootfs): branch and copy.
+    fn create_rootfs_from(&self, src: &Path, id: &str) -> Result<PathBuf, PoolError>;
+    /// Removes what an interrupted restore left next to the rootfs.
+    fn recover_container(&self, id: &str) -> Result<(), PoolError>;
 }

@@ -47,6 +47,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: nodecmd::ContainerCmd,
     },
+    /// Point-in-time copies of a container: create, list, restore, delete, alias.
+    Snapshots {
+        #[command(subcommand)]
+        cmd: nodecmd::SnapshotCmd,
+    },
     /// Templates containers are made from.
     Image {
         #[command(subcommand)]
@@ -229,6 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Up => up::up(&cfg, &cli.config, &ctl).await,
         Cmd::Projects { cmd } => nodecmd::projects(&ctl, cmd, json).await,
         Cmd::Containers { cmd } => nodecmd::containers(&ctl, cmd, json).await,
+        Cmd::Snapshots { cmd } => nodecmd::snapshots(&ctl, cmd, json).await,
         Cmd::Image { cmd } => {
             tokio::task::spawn_blocking(move || images::run(&cfg, cmd, json)).await?
         }

@@ -94,6 +94,127 @@ pub enum ContainerCmd {
         src: String,
         dst: String,
     },
+    /// A new container from this one's current state, or from one of its snapshots.
+    Copy {
+        id: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        from_snapshot: Option<String>,
+        #[arg(long)]
+        project: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// Snapshot a container (running or stopped).
+    Create {
+        container: String,
+        #[arg(long)]
+        alias: Option<String>,
+        /// Delete it automatically after this many days.
+        #[arg(long)]
+        expiry: Option<u32>,
+    },
+    List {
+        container: String,
+    },
+    /// Put the container back to the snapshot (it restarts if it was running).
+    Restore {
+        container: String,
+        name: String,
+    },
+    Delete {
+        container: String,
+        name: String,
+    },
+    /// Set (or with no ALIAS, clear) a snapshot's alias.
+    Alias {
+        container: String,
+        name: String,
+        alias: Option<String>,
+    },
+}
+
+pub async fn snapshots(ctl: &ControlClient, cmd: SnapshotCmd, json: bool) -> anyhow::Result<i32> {
+    match cmd {
+        SnapshotCmd::Create {
+            container,
+            alias,
+            expiry,
+        } => {
+            let v = ctl
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/containers/{container}/snapshots"),
+                    Some(json!({ "alias": alias, "expiry": expiry })),
+                )
+                .await?;
+            print(json, &v, |v| {
+                println!("snapshot {} of {container}", s(&v["snapshot"], "name"))
+            });
+        }
+        SnapshotCmd::List { container } => {
+            let v = ctl
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/containers/{container}/snapshots"),
+                    None,
+                )
+                .await?;
+            print(json, &v, |v| {
+                println!("{:<20} {:<20} {:<26} EXPIRES", "NAME", "ALIAS", "CREATED");
+                for sn in v["snapshots"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<20} {:<20} {:<26} {}",
+                        s(sn, "name"),
+                        s(sn, "alias"),
+                        s(sn, "created_at"),
+                        s(sn, "expires_at")
+                    );
+                }
+            });
+        }
+        SnapshotCmd::Restore { container, name } => {
+            let v = ctl
+                .call(
+                    Method::PUT,
+                    &format!("/api/v1/containers/{container}/snapshots/{name}"),
+                    None,
+                )
+                .await?;
+            print(json, &v, |v| {
+                println!("{container} restored to {name}: {}", s(v, "status"))
+            });
+        }
+        SnapshotCmd::Delete { container, name } => {
+            ctl.call(
+                Method::DELETE,
+                &format!("/api/v1/containers/{container}/snapshots/{name}"),
+                None,
+            )
+            .await?;
+            if !json {
+                println!("snapshot {name} deleted");
+            }
+        }
+        SnapshotCmd::Alias {
+            container,
+            name,
+            alias,
+        } => {
+            let v = ctl
+                .call(
+                    Method::PUT,
+                    &format!("/api/v1/containers/{container}/snapshots/{name}/alias"),
+                    Some(json!({ "alias": alias })),
+                )
+                .await?;
+            print(json, &v, |_| println!("ok"));
+        }
+    }
+    Ok(0)
 }
 
 fn print(json: bool, v: &Value, human: impl FnOnce(&Value)) {
@@ -320,6 +441,31 @@ pub async fn containers(ctl: &ControlClient, cmd: ContainerCmd, json: bool) -> a
             return session::exec(&agent_for(ctl, &id), req, true, tty).await;
         }
         ContainerCmd::Cp { src, dst } => return cp(ctl, &src, &dst, json).await,
+        ContainerCmd::Copy {
+            id,
+            name,
+            from_snapshot,
+            project,
+        } => {
+            let v = ctl
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/containers/{id}/copy"),
+                    Some(json!({ "name": name, "source_snapshot": from_snapshot,
+                                 "target_project_id": project })),
+                )
+                .await?;
+            print(json, &v, |v| {
+                println!(
+                    "container {}/{} is {} (id {}, ip {})",
+                    s(v, "project_id"),
+                    s(v, "name"),
+                    s(v, "status"),
+                    s(v, "id"),
+                    s(v, "ip")
+                )
+            });
+        }
     }
     Ok(0)
 }
