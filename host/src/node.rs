@@ -594,7 +594,6 @@ impl Node {
         let runtime = self.runtime.clone();
         let pool = self.pool.clone();
         let lxc = Self::lxc_name(&c.id);
-        let timeout = self.cfg.defaults.stop_timeout_secs;
         let (id, name) = (c.id.clone(), s.name.clone());
         // Killed, not shut down: its file system is about to be replaced, so nothing a
         // clean shutdown would write can matter (and it costs ~200 ms).
@@ -748,7 +747,8 @@ impl Node {
                 sn.container_id, sn.name
             ));
         }
-        for c in self.store().containers(None)? {
+        let rows = self.store().containers(None)?;
+        for c in rows {
             let pool = self.pool.clone();
             blocking(move || pool.recover_container(&c.id).map_err(internal)).await?;
         }
