@@ -338,6 +338,24 @@ fn node_end_to_end() {
             .exists(),
         "a half-restored rootfs was left behind"
     );
+    // exec --snapshot-before: a risky command can be undone.
+    let out = node.hearth(&[
+        "containers", "exec", &id1, "--snapshot-before", "--", "sh", "-c", "rm /srv/state",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list = node.json(&["snapshots", "list", &id1]);
+    let auto = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|sn| s(sn, "alias").starts_with("auto-"))
+        .unwrap_or_else(|| panic!("no auto snapshot in {list}"));
+    let auto_name = s(auto, "name");
+    node.json(&["snapshots", "restore", &id1, &auto_name]);
+    let (_, state, _) = node.sh(&id1, "cat /srv/state");
+    assert_eq!(state, "v1\n", "the auto snapshot did not undo the command");
+    let out = node.hearth(&["snapshots", "delete", &id1, &auto_name]);
+    assert!(out.status.success());
     let out = node.hearth(&["snapshots", "delete", &id1, &snap_name]);
     assert!(
         out.status.success(),

@@ -82,6 +82,10 @@ pub enum ContainerCmd {
         uid: Option<u32>,
         #[arg(short = 'e', long = "env")]
         env: Vec<String>,
+        /// Take a snapshot (alias `auto-<timestamp>`) first, so the change can be undone
+        /// with `hearth snapshots restore`.
+        #[arg(long)]
+        snapshot_before: bool,
         #[arg(required = true, last = true)]
         argv: Vec<String>,
     },
@@ -403,9 +407,27 @@ pub async fn containers(ctl: &ControlClient, cmd: ContainerCmd, json: bool) -> a
             cwd,
             uid,
             env,
+            snapshot_before,
             argv,
         } => {
             let id = resolve(ctl, &id).await?;
+            if snapshot_before {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                let v = ctl
+                    .call(
+                        Method::POST,
+                        &format!("/api/v1/containers/{id}/snapshots"),
+                        Some(json!({ "alias": format!("auto-{now}") })),
+                    )
+                    .await?;
+                eprintln!(
+                    "snapshot {} (auto-{now}) taken; undo with: hearth snapshots restore {id} {}",
+                    s(&v["snapshot"], "name"),
+                    s(&v["snapshot"], "name")
+                );
+            }
             let env = env
                 .into_iter()
                 .map(|kv| match kv.split_once('=') {
