@@ -5,6 +5,7 @@
 
 pub mod exec;
 pub mod files;
+pub mod freeze;
 pub mod info;
 pub mod init;
 mod pty;
@@ -27,6 +28,7 @@ pub struct Agent {
     pub secret: Secret,
     pub features: u64,
     pub execs: Arc<exec::Execs>,
+    pub freezer: freeze::Freezer,
 }
 
 impl Agent {
@@ -35,6 +37,7 @@ impl Agent {
             secret,
             features: FEATURES,
             execs: Arc::default(),
+            freezer: freeze::Freezer::default(),
         })
     }
 }

@@ -255,6 +255,12 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Response, Error> {
         Request::Chmod { path, mode } => {
             blocking(move || files::chmod(&path, mode).map(|()| Response::Done)).await
         }
+        Request::Freeze { timeout_ms } => {
+            let timeout = std::time::Duration::from_millis(timeout_ms.clamp(100, 600_000));
+            let (freeze_id, engines) = agent.freezer.freeze(timeout).await?;
+            Ok(Response::Frozen { freeze_id, engines })
+        }
+        Request::Thaw { freeze_id } => agent.freezer.thaw(freeze_id).await.map(|()| Response::Done),
         Request::Chown { path, uid, gid } => {
             blocking(move || files::chown(&path, uid, gid).map(|()| Response::Done)).await
         }

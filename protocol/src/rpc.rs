@@ -98,6 +98,15 @@ pub enum Request {
         uid: Option<u32>,
         gid: Option<u32>,
     },
+    /// Makes the guest's disk consistent for a snapshot: each running database engine
+    /// quiesced the way it needs, then `syncfs`. Held until [`Request::Thaw`] or until
+    /// `timeout_ms` passes (the agent thaws by itself if the host disappears).
+    Freeze {
+        timeout_ms: u64,
+    },
+    Thaw {
+        freeze_id: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +119,11 @@ pub enum Response {
     Dir(Vec<DirEntry>),
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
     Written(u64),
+    /// The guest is frozen; `engines` names what was quiesced.
+    Frozen {
+        freeze_id: u64,
+        engines: Vec<String>,
+    },
 }
 
 /// Streamed progress of a request. Append-only.

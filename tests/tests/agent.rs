@@ -727,3 +727,19 @@ async fn the_client_reconnects_after_the_agent_restarts() {
     c.get(&path, &mut out).await.unwrap();
     assert_eq!(out, b"pooled");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_and_thaw_through_the_client() {
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let (id, _engines) = c.freeze(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(t.agent.freezer.frozen(), 1);
+    c.thaw(id).await.unwrap();
+    assert_eq!(t.agent.freezer.frozen(), 0);
+    let err = c.thaw(id).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::NotFound), "{err}");
+    // A host that never thaws: the agent lets go by itself.
+    c.freeze(Duration::from_millis(100)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(t.agent.freezer.frozen(), 0);
+}

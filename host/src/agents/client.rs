@@ -222,6 +222,20 @@ impl AgentClient {
         }
     }
 
+    /// Freezes the guest's disk state for a snapshot (databases quiesced, then syncfs).
+    /// The agent thaws by itself after `timeout` if [`Self::thaw`] never comes.
+    pub async fn freeze(&self, timeout: Duration) -> Result<(u64, Vec<String>)> {
+        let timeout_ms = timeout.as_millis().min(u128::from(u64::MAX)) as u64;
+        match self.call(Request::Freeze { timeout_ms }).await? {
+            Response::Frozen { freeze_id, engines } => Ok((freeze_id, engines)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn thaw(&self, freeze_id: u64) -> Result<()> {
+        self.call_done(Request::Thaw { freeze_id }).await
+    }
+
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecSession> {
         ExecSession::start(self.rpc().await?, Request::Exec(req)).await
     }
