@@ -46,7 +46,9 @@ pub trait Engine: Send + Sync {
     fn name(&self) -> &'static str;
     /// systemd units whose being active means the engine runs.
     fn units(&self) -> &'static [&'static str];
-    fn freeze(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Held, Error>> + Send + '_>>;
+    fn freeze(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Held, Error>> + Send + '_>>;
 }
 
 async fn run(cmd: &mut Command, what: &str) -> Result<(), Error> {
@@ -73,12 +75,21 @@ impl Engine for Postgres {
     fn units(&self) -> &'static [&'static str] {
         &["postgresql.service", "postgresql@*.service"]
     }
-    fn freeze(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Held, Error>> + Send + '_>> {
+    fn freeze(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Held, Error>> + Send + '_>> {
         // A checkpoint writes every dirty page and the WAL position: a snapshot taken
         // after it starts without crash recovery.
         Box::pin(async {
             run(
-                Command::new("runuser").args(["-u", "postgres", "--", "psql", "-qAtc", "CHECKPOINT"]),
+                Command::new("runuser").args([
+                    "-u",
+                    "postgres",
+                    "--",
+                    "psql",
+                    "-qAtc",
+                    "CHECKPOINT",
+                ]),
                 "postgresql CHECKPOINT",
             )
             .await
@@ -93,9 +104,16 @@ impl Engine for Redis {
         "redis"
     }
     fn units(&self) -> &'static [&'static str] {
-        &["redis-server.service", "redis.service", "valkey-server.service", "valkey.service"]
+        &[
+            "redis-server.service",
+            "redis.service",
+            "valkey-server.service",
+            "valkey.service",
+        ]
     }
-    fn freeze(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Held, Error>> + Send + '_>> {
+    fn freeze(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Held, Error>> + Send + '_>> {
         // SAVE writes the dataset synchronously; the RDB file is then complete on disk.
         Box::pin(async {
             let cli = if std::path::Path::new("/usr/bin/valkey-cli").exists() {
@@ -118,7 +136,9 @@ impl Engine for MariaDb {
     fn units(&self) -> &'static [&'static str] {
         &["mariadb.service", "mysql.service"]
     }
-    fn freeze(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Held, Error>> + Send + '_>> {
+    fn freeze(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Held, Error>> + Send + '_>> {
         // The read lock holds only while its session lives: keep a client open with the
         // lock taken, and release it at thaw. `SELECT 'locked'` tells us when it holds.
         Box::pin(async {
@@ -146,7 +166,12 @@ impl Engine for MariaDb {
             use tokio::io::AsyncReadExt;
             let n = tokio::time::timeout(Duration::from_secs(30), stdout.read(&mut buf))
                 .await
-                .map_err(|_| Error::new(hearth_protocol::ErrorKind::TimedOut, "FLUSH TABLES WITH READ LOCK"))?
+                .map_err(|_| {
+                    Error::new(
+                        hearth_protocol::ErrorKind::TimedOut,
+                        "FLUSH TABLES WITH READ LOCK",
+                    )
+                })?
                 .map_err(|e| Error::from_io(&e, "mariadb client"))?;
             if !String::from_utf8_lossy(&buf[..n]).contains("locked") {
                 return Err(Error::internal("mariadb did not take the read lock"));
@@ -281,7 +306,9 @@ impl Freezer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id)
-            .ok_or_else(|| Error::not_found(format!("no freeze {id} (already thawed or timed out)")))?;
+            .ok_or_else(|| {
+                Error::not_found(format!("no freeze {id} (already thawed or timed out)"))
+            })?;
         f.auto_thaw.abort();
         for h in f.held {
             h.thaw().await;

@@ -30,6 +30,8 @@ pub struct DefaultLimits {
     pub memory_mb: u64,
     pub cpus: f64,
     pub pids: u64,
+    /// Disk cap of a new container's rootfs, in GiB (enforced when the pool has quotas).
+    pub disk_gb: u64,
     /// Seconds a clean shutdown may take before the container is killed.
     pub stop_timeout_secs: i32,
     /// Snapshots a container may keep.
@@ -42,6 +44,7 @@ impl Default for DefaultLimits {
             memory_mb: 2048,
             cpus: 2.0,
             pids: 4096,
+            disk_gb: 10,
             stop_timeout_secs: 10,
             max_snapshots: 50,
         }

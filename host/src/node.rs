@@ -9,7 +9,7 @@
 use crate::agents::{AgentClient, ClientOptions};
 use crate::config::Config;
 use crate::net;
-use crate::pool::Storage;
+use crate::pool::{DiskUsage, Storage};
 use crate::runtime::{GuestSpec, Limits, RunState, Runtime};
 use crate::store::{ContainerRow, State, Store, StoreError};
 use hearth_protocol::Secret;
@@ -22,6 +22,9 @@ use std::time::Duration;
 
 /// How long a started guest gets to answer on its agent socket.
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Disk sizes users may ask for, in GiB.
+const DISK_GB_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -79,7 +82,16 @@ pub struct CreateRequest {
     pub memory_mb: Option<u64>,
     pub cpus: Option<f64>,
     pub pids: Option<u64>,
+    /// Rootfs size cap in GiB (default `defaults.disk_gb`).
+    pub disk_gb: Option<u64>,
     pub autostart: Option<bool>,
+}
+
+/// What `PUT /containers/{id}` may change on an existing container.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct UpdateRequest {
+    /// New rootfs size cap in GiB, applied at once, also to a running guest.
+    pub disk_gb: Option<u64>,
 }
 
 /// A container as the API shows it.
@@ -94,6 +106,12 @@ pub struct ContainerView {
     pub memory_mb: u64,
     pub cpus: f64,
     pub pids: u64,
+    /// Configured rootfs cap in GiB; `None` is unlimited.
+    pub disk_gb: Option<u64>,
+    /// Current use and enforced cap. Only filled in for a single container (it costs a
+    /// query of the file system); `None` there too when the pool has no quotas.
+    #[serde(default)]
+    pub disk: Option<DiskUsage>,
     pub autostart: bool,
     pub created_at: String,
     pub error: Option<String>,
@@ -181,6 +199,8 @@ impl Node {
             memory_mb: c.memory_bytes >> 20,
             cpus: c.cpus,
             pids: c.pids,
+            disk_gb: c.disk_bytes.map(|b| b >> 30),
+            disk: None,
             autostart: c.autostart,
             created_at: c.created_at.clone(),
             error: c.error.clone(),
@@ -221,6 +241,50 @@ impl Node {
         Ok(self.store().resolve(key)?)
     }
 
+    /// The container's disk use, or `None` when the pool has no quotas or the rootfs is
+    /// not there (yet, or any more): a view must not fail over a statistic.
+    pub async fn disk_usage(&self, c: &ContainerRow) -> Option<DiskUsage> {
+        if !self.pool.info().quotas {
+            return None;
+        }
+        let pool = self.pool.clone();
+        let id = c.id.clone();
+        match blocking(move || pool.usage(&id).map_err(internal)).await {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::debug!("disk usage of {}: {e}", c.id);
+                None
+            }
+        }
+    }
+
+    /// Changes a container's disk cap, running or not. Lowering it below what is in use
+    /// is allowed: the guest then cannot write until it frees space.
+    pub async fn resize_disk(&self, key: &str, gb: u64) -> Result<ContainerRow, NodeError> {
+        check_disk_gb(gb)?;
+        if !self.pool.info().quotas {
+            return Err(NodeError::Conflict(
+                "this node's storage pool has no quotas; disk sizes cannot be enforced".into(),
+            ));
+        }
+        let c = self.get(key)?;
+        let lock = self.lock_for(&c.id);
+        let _guard = lock.lock().await;
+        let c = self.get(&c.id)?;
+        if matches!(c.state, State::Creating | State::Deleting) {
+            return Err(NodeError::Conflict(format!(
+                "container is {}",
+                c.state.as_str()
+            )));
+        }
+        let bytes = gb << 30;
+        let pool = self.pool.clone();
+        let id = c.id.clone();
+        blocking(move || pool.set_quota(&id, Some(bytes)).map_err(internal)).await?;
+        self.store().set_disk_bytes(&c.id, Some(bytes))?;
+        self.get(&c.id)
+    }
+
     pub async fn create(
         &self,
         project: &str,
@@ -242,6 +306,8 @@ impl Node {
         let memory_mb = req.memory_mb.unwrap_or(d.memory_mb);
         let cpus = req.cpus.unwrap_or(d.cpus);
         let pids = req.pids.unwrap_or(d.pids);
+        let disk_gb = req.disk_gb.unwrap_or(d.disk_gb);
+        check_disk_gb(disk_gb)?;
         if memory_mb < 64 || !(0.01..=1024.0).contains(&cpus) || pids < 16 {
             return Err(NodeError::Invalid(
                 "limits: memory at least 64 MB, cpus 0.01-1024, pids at least 16".into(),
@@ -254,6 +320,7 @@ impl Node {
             memory_mb,
             cpus,
             pids,
+            Some(disk_gb << 30),
             req.autostart,
         )?;
         self.finish_create(row, Source::Image(image)).await
@@ -300,6 +367,7 @@ impl Node {
         memory_mb: u64,
         cpus: f64,
         pids: u64,
+        disk_bytes: Option<u64>,
         autostart: Option<bool>,
     ) -> Result<ContainerRow, NodeError> {
         let store = self.store();
@@ -322,6 +390,7 @@ impl Node {
             memory_bytes: memory_mb << 20,
             cpus,
             pids,
+            disk_bytes,
             autostart: autostart.unwrap_or(true),
             created_at: time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
@@ -356,12 +425,15 @@ impl Node {
         let spec = self.spec(c);
         let resolv = net::resolv_conf(&self.cfg.network).map_err(internal)?;
         let (id, name, secret) = (c.id.clone(), c.name.clone(), c.secret_hex.clone());
+        let disk_bytes = c.disk_bytes;
         blocking(move || {
             let rootfs = match source {
                 Source::Image(image) => pool.create_rootfs(&image, &id),
                 Source::Path(src) => pool.create_rootfs_from(&src, &id),
             }
             .map_err(internal)?;
+            // Before the guest first runs, so it never sees an unlimited disk.
+            apply_quota(&*pool, &id, disk_bytes)?;
             provision_rootfs(&rootfs, &name, &resolv, &secret).map_err(internal)?;
             make_agent_dir(&spec.agent_dir).map_err(internal)?;
             runtime.define(&spec).map_err(internal)
@@ -374,15 +446,35 @@ impl Node {
     async fn boot(&self, c: &ContainerRow) -> Result<(), NodeError> {
         let runtime = self.runtime.clone();
         let name = Self::lxc_name(&c.id);
-        // A stale socket from the last run would accept nothing; the agent makes a new one.
-        let _ = std::fs::remove_file(self.agent_socket(&c.id));
-        blocking(move || runtime.start(&name).map_err(internal)).await?;
+        let state = self.settled_state(&c.id).await?;
+        if state != RunState::Running {
+            // A stale socket from the last run would accept nothing; the agent makes a
+            // new one. Never remove the socket of a guest that is up: its agent would
+            // be unreachable until it restarted.
+            let _ = std::fs::remove_file(self.agent_socket(&c.id));
+            blocking(move || runtime.start(&name).map_err(internal)).await?;
+        }
         self.forget_agent(&c.id);
         let agent = self.agent(c)?;
         agent
             .ping()
             .await
             .map_err(|e| internal(anyhow::anyhow!("the agent of {} did not answer: {e}", c.id)))
+    }
+
+    /// The guest's state once it is out of a transition (starting, stopping): a daemon
+    /// restarted in the middle of a start must not decide on a half-started guest.
+    async fn settled_state(&self, id: &str) -> Result<RunState, NodeError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let runtime = self.runtime.clone();
+            let name = Self::lxc_name(id);
+            let st = blocking(move || runtime.state(&name).map_err(internal)).await?;
+            if st != RunState::Other || tokio::time::Instant::now() > deadline {
+                return Ok(st);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn start(&self, key: &str) -> Result<ContainerRow, NodeError> {
@@ -595,11 +687,14 @@ impl Node {
         let pool = self.pool.clone();
         let lxc = Self::lxc_name(&c.id);
         let (id, name) = (c.id.clone(), s.name.clone());
+        let disk_bytes = c.disk_bytes;
         // Killed, not shut down: its file system is about to be replaced, so nothing a
         // clean shutdown would write can matter (and it costs ~200 ms).
         blocking(move || {
             runtime.kill(&lxc).map_err(internal)?;
-            pool.restore_rootfs(&id, &name).map_err(internal)
+            pool.restore_rootfs(&id, &name).map_err(internal)?;
+            // The restored rootfs is a new subvolume with a new, unlimited qgroup.
+            apply_quota(&*pool, &id, disk_bytes)
         })
         .await?;
         self.forget_agent(&c.id);
@@ -637,6 +732,7 @@ impl Node {
             src.memory_bytes >> 20,
             src.cpus,
             src.pids,
+            src.disk_bytes,
             Some(src.autostart),
         )?;
         self.finish_create(row, Source::Path(path)).await
@@ -699,15 +795,20 @@ impl Node {
                     self.purge(c).await?;
                 }
                 State::Running | State::Stopped | State::Failed => {
-                    let runtime = self.runtime.clone();
-                    let name = Self::lxc_name(&c.id);
-                    let st = blocking(move || runtime.state(&name).map_err(internal)).await?;
+                    let st = self.settled_state(&c.id).await?;
                     let rootfs_ok = self.pool.rootfs(&c.id).exists();
                     if !rootfs_ok {
                         report.push(format!("{}: rootfs missing; marked failed", c.id));
                         self.store()
                             .set_state(&c.id, State::Failed, Some("rootfs missing"))?;
                         continue;
+                    }
+                    // A restore cut off between swapping in the new rootfs and limiting
+                    // it leaves the disk unlimited; setting the limit is idempotent.
+                    let pool = self.pool.clone();
+                    let (id, bytes) = (c.id.clone(), c.disk_bytes);
+                    if let Err(e) = blocking(move || apply_quota(&*pool, &id, bytes)).await {
+                        report.push(format!("{}: disk limit not applied: {e}", c.id));
                     }
                     if st == RunState::Missing {
                         // The definition is derived data: write it again.
@@ -826,6 +927,28 @@ fn purge_machine(
 }
 
 /// `s20261123-041512`: sortable, and valid as a subvolume name.
+fn check_disk_gb(gb: u64) -> Result<(), NodeError> {
+    if DISK_GB_RANGE.contains(&gb) {
+        Ok(())
+    } else {
+        Err(NodeError::Invalid(format!(
+            "disk {gb} GB: use {}-{} GB",
+            DISK_GB_RANGE.start(),
+            DISK_GB_RANGE.end()
+        )))
+    }
+}
+
+/// Sets the container's disk cap on its (possibly new) rootfs subvolume. Without quota
+/// support there is nothing to enforce, and the container runs unlimited rather than
+/// not at all.
+fn apply_quota(pool: &dyn Storage, id: &str, bytes: Option<u64>) -> Result<(), NodeError> {
+    if !pool.info().quotas {
+        return Ok(());
+    }
+    pool.set_quota(id, bytes).map_err(internal)
+}
+
 fn snapshot_name(t: time::OffsetDateTime) -> String {
     format!(
         "s{:04}{:02}{:02}-{:02}{:02}{:02}",

@@ -79,6 +79,8 @@ pub struct ContainerRow {
     pub memory_bytes: u64,
     pub cpus: f64,
     pub pids: u64,
+    /// Cap on the rootfs's referenced bytes; `None` is unlimited.
+    pub disk_bytes: Option<u64>,
     pub autostart: bool,
     pub created_at: String,
     pub error: Option<String>,
@@ -120,6 +122,7 @@ CREATE TABLE IF NOT EXISTS containers (
     memory_bytes INTEGER NOT NULL,
     cpus REAL NOT NULL,
     pids INTEGER NOT NULL,
+    disk_bytes INTEGER,
     autostart INTEGER NOT NULL,
     created_at TEXT NOT NULL,
     error TEXT,
@@ -162,6 +165,7 @@ fn row_to_container(r: &rusqlite::Row<'_>) -> rusqlite::Result<ContainerRow> {
         memory_bytes: r.get::<_, i64>("memory_bytes")? as u64,
         cpus: r.get("cpus")?,
         pids: r.get::<_, i64>("pids")? as u64,
+        disk_bytes: r.get::<_, Option<i64>>("disk_bytes")?.map(|b| b as u64),
         autostart: r.get("autostart")?,
         created_at: r.get("created_at")?,
         error: r.get("error")?,
@@ -180,17 +184,31 @@ fn conflict(e: rusqlite::Error, what: &str) -> StoreError {
     }
 }
 
+/// Brings a database made by an older hearthd up to [`SCHEMA`]: `CREATE TABLE IF NOT
+/// EXISTS` leaves existing tables as they were, so columns added since are added here.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let mut st = conn.prepare("SELECT name FROM pragma_table_info('containers')")?;
+    let columns: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    if !columns.iter().any(|c| c == "disk_bytes") {
+        // Existing containers stay unlimited, as they were created.
+        conn.execute_batch("ALTER TABLE containers ADD COLUMN disk_bytes INTEGER")?;
+    }
+    Ok(())
+}
+
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Store { conn })
     }
 
     pub fn open_in_memory() -> Result<Store, StoreError> {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Store { conn })
     }
 
@@ -267,8 +285,8 @@ impl Store {
         self.conn
             .execute(
                 "INSERT INTO containers (id, project, name, image, state, ip, idmap_block, secret,
-                 memory_bytes, cpus, pids, autostart, created_at, error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                 memory_bytes, cpus, pids, autostart, created_at, error, disk_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                 params![
                     c.id,
                     c.project,
@@ -283,7 +301,8 @@ impl Store {
                     c.pids as i64,
                     c.autostart,
                     c.created_at,
-                    c.error
+                    c.error,
+                    c.disk_bytes.map(|b| b as i64)
                 ],
             )
             .map_err(|e| conflict(e, &format!("container {}/{}", c.project, c.name)))?;
@@ -342,6 +361,17 @@ impl Store {
         let n = self.conn.execute(
             "UPDATE containers SET state = ?2, error = ?3 WHERE id = ?1",
             params![id, state.as_str(), error],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("container {id}")));
+        }
+        Ok(())
+    }
+
+    pub fn set_disk_bytes(&self, id: &str, bytes: Option<u64>) -> Result<(), StoreError> {
+        let n = self.conn.execute(
+            "UPDATE containers SET disk_bytes = ?2 WHERE id = ?1",
+            params![id, bytes.map(|b| b as i64)],
         )?;
         if n == 0 {
             return Err(StoreError::NotFound(format!("container {id}")));
@@ -465,10 +495,31 @@ mod tests {
             memory_bytes: 1 << 30,
             cpus: 1.0,
             pids: 100,
+            disk_bytes: Some(10 << 30),
             autostart: true,
             created_at: now(),
             error: None,
         }
+    }
+
+    #[test]
+    fn adds_disk_bytes_to_old_databases() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE containers (id TEXT PRIMARY KEY, memory_bytes INTEGER NOT NULL);",
+        )
+        .unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        migrate(&conn).unwrap();
+        migrate(&conn).unwrap();
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('containers') WHERE name = 'disk_bytes'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1);
     }
 
     #[test]
@@ -495,6 +546,9 @@ mod tests {
         assert!(matches!(s.resolve("nope"), Err(StoreError::NotFound(_))));
         s.set_state("a1", State::Running, None).unwrap();
         assert_eq!(s.container("a1").unwrap().state, State::Running);
+        assert_eq!(s.container("a1").unwrap().disk_bytes, Some(10 << 30));
+        s.set_disk_bytes("a1", None).unwrap();
+        assert_eq!(s.container("a1").unwrap().disk_bytes, None);
         assert!(matches!(
             s.delete_project("p"),
             Err(StoreError::Conflict(_))

@@ -893,14 +893,14 @@ fn cgroup_v2() -> bool {
 /// The benchmark's project. [`BenchProject::cleanup`] deletes it with every container in
 /// it; if that is never reached (a panic, a dropped future), dropping it does the same
 /// on a thread of its own, since a drop cannot await.
-struct BenchProject {
+pub(super) struct BenchProject {
     ctl: ControlClient,
     name: String,
     cleaned: bool,
 }
 
 impl BenchProject {
-    async fn create(ctl: &ControlClient, name: String) -> anyhow::Result<BenchProject> {
+    pub(super) async fn create(ctl: &ControlClient, name: String) -> anyhow::Result<BenchProject> {
         ctl.call(
             Method::POST,
             "/api/v1/projects",
@@ -915,7 +915,11 @@ impl BenchProject {
         })
     }
 
-    async fn cleanup(mut self) -> anyhow::Result<()> {
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(super) async fn cleanup(mut self) -> anyhow::Result<()> {
         self.cleaned = true;
         delete_project(&self.ctl, &self.name).await
     }
@@ -991,7 +995,7 @@ async fn delete_project(ctl: &ControlClient, project: &str) -> anyhow::Result<()
     first_err.map_or(Ok(()), Err)
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f)
@@ -999,11 +1003,11 @@ async fn blocking<T: Send + 'static>(
         .context("a blocking benchmark step panicked")?
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn pct(samples: &[f64], p: f64) -> anyhow::Result<f64> {
+pub(super) fn pct(samples: &[f64], p: f64) -> anyhow::Result<f64> {
     let mut v = samples.to_vec();
     sort_samples(&mut v);
     percentile(&v, p).map(round3).context("no samples")

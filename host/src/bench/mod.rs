@@ -6,6 +6,7 @@ pub mod agent;
 pub mod floor;
 pub mod lifecycle;
 pub mod placement;
+pub mod snapshots;
 pub mod stats;
 
 pub use agent::{run_agent_bench, AgentBenchOptions};

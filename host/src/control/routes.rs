@@ -1,7 +1,7 @@
 //! Routes of the control API. Handlers are thin: parse, call the node, wrap the answer.
 
 use super::AGENT_UPGRADE;
-use crate::node::{CopyRequest, CreateRequest, Node, NodeError, SnapshotRequest};
+use crate::node::{CopyRequest, CreateRequest, Node, NodeError, SnapshotRequest, UpdateRequest};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -28,7 +28,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/v1/containers", get(list_containers))
         .route(
             "/api/v1/containers/{id}",
-            get(get_container).delete(delete_container),
+            get(get_container)
+                .put(update_container)
+                .delete(delete_container),
         )
         .route("/api/v1/containers/{id}/info", get(container_info))
         .route(
@@ -196,7 +198,23 @@ async fn create_container(
 
 async fn get_container(State(node): Node_, Path(id): Path<String>) -> ApiResult {
     let c = node.get(&id)?;
-    ok(StatusCode::OK, "container", to_value(node.view(&c))?)
+    let mut view = node.view(&c);
+    view.disk = node.disk_usage(&c).await;
+    ok(StatusCode::OK, "container", to_value(view)?)
+}
+
+async fn update_container(
+    State(node): Node_,
+    Path(id): Path<String>,
+    Json(req): Json<UpdateRequest>,
+) -> ApiResult {
+    let Some(gb) = req.disk_gb else {
+        return Err(NodeError::Invalid("nothing to update (supported: disk_gb)".into()).into());
+    };
+    let c = node.resize_disk(&id, gb).await?;
+    let mut view = node.view(&c);
+    view.disk = node.disk_usage(&c).await;
+    ok(StatusCode::OK, "container updated", to_value(view)?)
 }
 
 async fn delete_container(State(node): Node_, Path(id): Path<String>) -> ApiResult {

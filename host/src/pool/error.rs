@@ -28,6 +28,10 @@ pub enum PoolError {
     },
     #[error("pool file {file} is already mounted at {at}")]
     AlreadyMounted { file: PathBuf, at: PathBuf },
+    #[error("{0} is not supported by this storage pool")]
+    Unsupported(&'static str),
+    #[error("unexpected output from {program}: {detail}")]
+    BadOutput { program: String, detail: String },
     #[error("pool config: {0}")]
     Config(String),
     #[error(transparent)]

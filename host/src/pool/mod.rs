@@ -45,6 +45,18 @@ pub struct StorageInfo {
     pub quotas: bool,
 }
 
+/// A container's disk use as the quota sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskUsage {
+    /// Bytes the rootfs *references*, shared extents included: the size of the disk
+    /// the guest sees (its OS files from the image count too), which is also what the
+    /// limit caps. Exclusive bytes would start near 0 for a fresh snapshot and shrink
+    /// whenever a snapshot shares the data, so they say little about a disk's fullness.
+    pub used_bytes: u64,
+    /// `None`: unlimited.
+    pub limit_bytes: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageEntry {
     pub name: String,
@@ -102,4 +114,13 @@ pub trait Storage: Send + Sync {
     fn create_rootfs_from(&self, src: &Path, id: &str) -> Result<PathBuf, PoolError>;
     /// Removes what an interrupted restore left next to the rootfs.
     fn recover_container(&self, id: &str) -> Result<(), PoolError>;
+
+    /// Caps the container's rootfs at `bytes` (`None` lifts the cap). The cap belongs to
+    /// the rootfs subvolume, so after [`Storage::restore_rootfs`] or
+    /// [`Storage::create_rootfs_from`] made a new one it must be set again. Fails with
+    /// `Unsupported` when [`StorageInfo::quotas`] is false.
+    fn set_quota(&self, id: &str, bytes: Option<u64>) -> Result<(), PoolError>;
+    /// The rootfs's disk use and cap. Fails with `Unsupported` when
+    /// [`StorageInfo::quotas`] is false.
+    fn usage(&self, id: &str) -> Result<DiskUsage, PoolError>;
 }

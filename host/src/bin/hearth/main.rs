@@ -179,6 +179,12 @@ enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         poll_ms: u64,
     },
+    /// Snapshot, restore and branch through the running node, beside a raw btrfs
+    /// snapshot and a plain create. Creates and removes its own project.
+    Snapshots {
+        #[arg(long, default_value_t = 20)]
+        n: usize,
+    },
     /// The far end of a floor measurement (internal).
     #[command(hide = true)]
     Peer {
@@ -268,6 +274,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 };
                 let report =
                     hearth_host::bench::lifecycle::run_lifecycle_bench(&cfg, &ctl, &opts).await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(0)
+            }
+            BenchCmd::Snapshots { n } => {
+                let opts = hearth_host::bench::snapshots::SnapshotBenchOptions { n };
+                let report =
+                    hearth_host::bench::snapshots::run_snapshot_bench(&cfg, &ctl, &opts).await?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 Ok(0)
             }

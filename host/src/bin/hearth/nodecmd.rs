@@ -38,6 +38,9 @@ pub enum ContainerCmd {
         cpus: Option<f64>,
         #[arg(long)]
         pids: Option<u64>,
+        /// Disk size (rootfs cap) in GB (GiB), 1-10000; default from the node's config.
+        #[arg(long)]
+        disk: Option<u64>,
         /// Do not start it again after a node reboot.
         #[arg(long)]
         no_autostart: bool,
@@ -49,6 +52,13 @@ pub enum ContainerCmd {
     /// ID, project/name, or a name unique on the node.
     Get {
         id: String,
+    },
+    /// Change a container's settings, also while it runs.
+    Update {
+        id: String,
+        /// New disk size (rootfs cap) in GB (GiB), 1-10000.
+        #[arg(long)]
+        disk: u64,
     },
     Start {
         id: String,
@@ -233,6 +243,19 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
+/// `disk` of a container view as `1.2 GiB used of 10.0 GiB` (or `unknown` when the
+/// node's pool has no quotas).
+fn disk_line(d: &Value) -> String {
+    let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
+    match d["used_bytes"].as_u64() {
+        None => "unknown (no quotas on this node)".into(),
+        Some(used) => match d["limit_bytes"].as_u64() {
+            Some(limit) => format!("{} used of {}", gib(used), gib(limit)),
+            None => format!("{} used, unlimited", gib(used)),
+        },
+    }
+}
+
 fn container_line(c: &Value) {
     println!(
         "{:<12} {:<12} {:<20} {:<9} {:<15} {}",
@@ -315,11 +338,12 @@ pub async fn containers(ctl: &ControlClient, cmd: ContainerCmd, json: bool) -> a
             memory,
             cpus,
             pids,
+            disk,
             no_autostart,
         } => {
             let body = json!({
                 "name": name, "image": image, "memory_mb": memory, "cpus": cpus,
-                "pids": pids, "autostart": !no_autostart,
+                "pids": pids, "disk_gb": disk, "autostart": !no_autostart,
             });
             let v = ctl
                 .call(
@@ -366,11 +390,28 @@ pub async fn containers(ctl: &ControlClient, cmd: ContainerCmd, json: bool) -> a
                 .await?;
             print(json, &v, |v| {
                 for (k, val) in v.as_object().into_iter().flatten() {
-                    println!(
-                        "{k:<14} {}",
-                        val.as_str().map(String::from).unwrap_or(val.to_string())
-                    );
+                    let shown = match k.as_str() {
+                        "disk" => disk_line(val),
+                        _ => val.as_str().map(String::from).unwrap_or(val.to_string()),
+                    };
+                    println!("{k:<14} {shown}");
                 }
+            });
+        }
+        ContainerCmd::Update { id, disk } => {
+            let v = ctl
+                .call(
+                    Method::PUT,
+                    &format!("/api/v1/containers/{id}"),
+                    Some(json!({ "disk_gb": disk })),
+                )
+                .await?;
+            print(json, &v, |v| {
+                println!(
+                    "container {} updated: disk {}",
+                    s(v, "id"),
+                    disk_line(&v["disk"])
+                );
             });
         }
         ContainerCmd::Start { id } => op(ctl, &id, "start", json).await?,
