@@ -251,7 +251,6 @@ impl Storage for BtrfsPool {
 
     fn create_rootfs(&self, image: &str, id: &str) -> Result<PathBuf, PoolError> {
         validate("image name", image)?;
-        validate("container id", id)?;
         let src = self.images.join(image);
         if !btrfs::is_subvolume(&src)? {
             return Err(PoolError::NotFound {
@@ -259,25 +258,7 @@ impl Storage for BtrfsPool {
                 name: image.to_string(),
             });
         }
-        let dir = self.containers.join(id);
-        // create (not create_all): an existing directory is the signal that the id is
-        // taken, checked and claimed in one step.
-        DirBuilder::new()
-            .mode(0o711)
-            .create(&dir)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => PoolError::AlreadyExists {
-                    what: "container",
-                    name: id.to_string(),
-                },
-                _ => PoolError::io("create directory", &dir)(e),
-            })?;
-        let rootfs = dir.join("rootfs");
-        if let Err(e) = btrfs::snapshot(&src, &rootfs, false) {
-            let _ = std::fs::remove_dir(&dir);
-            return Err(e.into());
-        }
-        Ok(rootfs)
+        self.create_rootfs_from(&src, id)
     }
 
     fn rootfs(&self, id: &str) -> PathBuf {

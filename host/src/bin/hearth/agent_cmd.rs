@@ -2,7 +2,7 @@
 //! agent-ctl.
 
 use crate::session;
-use anyhow::{bail, Context};
+use anyhow::Context;
 use hearth_host::agents::AgentClient;
 use hearth_protocol::exec::{ExecRequest, StdioMode};
 use hearth_protocol::files::{FileType, WriteMode, WriteOptions};
@@ -58,13 +58,7 @@ pub async fn agent(a: AgentArgs, json: bool) -> anyhow::Result<i32> {
             timeout_ms,
             argv,
         } => {
-            let env = env
-                .into_iter()
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, v)) => Ok((k.to_string(), v.to_string())),
-                    None => bail!("--env wants KEY=VALUE, got {kv:?}"),
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let env = session::parse_env(env)?;
             let tty = tty && std::io::stdin().is_terminal();
             let req = ExecRequest {
                 argv,

@@ -469,13 +469,7 @@ pub async fn containers(ctl: &ControlClient, cmd: ContainerCmd, json: bool) -> a
                     s(&v["snapshot"], "name")
                 );
             }
-            let env = env
-                .into_iter()
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, v)) => Ok((k.to_string(), v.to_string())),
-                    None => bail!("--env wants KEY=VALUE, got {kv:?}"),
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let env = session::parse_env(env)?;
             let tty = tty && std::io::stdin().is_terminal();
             let req = ExecRequest {
                 argv,

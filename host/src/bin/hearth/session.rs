@@ -7,6 +7,16 @@ use hearth_protocol::exec::{ExecRequest, WinSize};
 use std::io::Write;
 use std::sync::Arc;
 
+/// `--env KEY=VALUE` arguments as pairs.
+pub fn parse_env(env: Vec<String>) -> anyhow::Result<Vec<(String, String)>> {
+    env.into_iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => Ok((k.to_string(), v.to_string())),
+            None => anyhow::bail!("--env wants KEY=VALUE, got {kv:?}"),
+        })
+        .collect()
+}
+
 pub fn terminal_size() -> WinSize {
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
     // SAFETY: TIOCGWINSZ fills the winsize we pass; on failure we keep a default.
