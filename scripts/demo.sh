@@ -7,7 +7,12 @@ bin=${HEARTH_BIN:-target/release}
 work=$(mktemp -d /tmp/hearth-demo.XXXXXX)
 agent_pid=""
 cleanup() {
-  [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null && wait "$agent_pid" 2>/dev/null
+  # `wait` reports the agent's SIGTERM as a failure; under `set -e` that would end the
+  # trap before the directory is removed.
+  if [ -n "$agent_pid" ]; then
+    kill "$agent_pid" 2>/dev/null || true
+    wait "$agent_pid" 2>/dev/null || true
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
