@@ -218,7 +218,11 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => return report(Err(e.into())),
     };
-    report(rt.block_on(run(cli)))
+    let res = rt.block_on(run(cli));
+    // Do not wait for blocking tasks: tokio reads stdin on one, and it only returns when
+    // the terminal sends something, which after the command has exited it never may.
+    rt.shutdown_background();
+    report(res)
 }
 
 /// One line on stderr for errors, and the exit code.
