@@ -8,6 +8,8 @@ pub mod control;
 pub mod net;
 pub mod node;
 pub mod pool;
+pub mod proxy;
 pub mod runtime;
 pub mod store;
 pub mod subid;
+pub mod tls;
