@@ -8,6 +8,8 @@ pub mod files;
 pub mod freeze;
 pub mod info;
 pub mod init;
+pub mod kit;
+pub mod port;
 mod pty;
 pub mod rpc;
 pub mod secret;

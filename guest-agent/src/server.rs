@@ -1,6 +1,6 @@
 //! Accepting connections: the handshake, then the channel the client opens.
 
-use crate::{exec, transfer, Agent};
+use crate::{exec, kit, port, transfer, Agent};
 use hearth_protocol::channel::{Open, OpenReply, Opened, StreamTarget};
 use hearth_protocol::frame::{FrameReader, FrameWriter};
 use hearth_protocol::handshake::{self, Hello, HelloReply, Refusal, PREAMBLE_LEN};
@@ -176,6 +176,30 @@ async fn open_stream(
             let _ = agent
                 .execs
                 .attach(exec_id, exec::Attached { conn, leftover });
+        }
+        StreamTarget::Port { port } => {
+            let tcp = match port::connect(port).await {
+                Ok(s) => s,
+                Err(e) => return refuse(&mut reader, e).await,
+            };
+            send(&mut reader, &OpenReply::Ok(Opened::Port)).await?;
+            let (conn, leftover) = reader.into_parts();
+            // Resets and broken pipes are how browsers and apps end connections every
+            // day: not worth a warning.
+            if let Err(e) = port::relay(conn, leftover, tcp).await {
+                tracing::debug!("port {port} stream: {e}");
+            }
+        }
+        StreamTarget::Kit { service, instance } => {
+            let service = match kit::resolve(&service, instance) {
+                Ok(s) => s,
+                Err(e) => return refuse(&mut reader, e).await,
+            };
+            send(&mut reader, &OpenReply::Ok(Opened::Kit)).await?;
+            let (conn, leftover) = reader.into_parts();
+            if let Err(e) = kit::serve(agent, service, instance, conn, leftover).await {
+                tracing::debug!("kit {}-{instance} stream: {e}", service.slug);
+            }
         }
     }
     Ok(())

@@ -14,7 +14,7 @@ pub enum Open {
     Stream(StreamTarget),
 }
 
-/// What a raw stream connects to. Append-only: kit services and guest ports come next.
+/// What a raw stream connects to. Append-only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StreamTarget {
     /// The stdin (client → agent) and stdout (agent → client) of an exec started with
@@ -31,6 +31,15 @@ pub enum StreamTarget {
     /// The client sends the bytes and half-closes; the agent then answers with one frame,
     /// a [`WriteOutcome`], and closes.
     FileWrite { path: String, opts: WriteOptions },
+    /// A TCP port of the guest's own apps. The agent connects on loopback (127.0.0.1,
+    /// then ::1), so apps that bind only to localhost are reachable too; then the stream
+    /// carries the connection's bytes both ways, each direction half-closed on its own.
+    /// A port nobody listens on fails the open with `NotFound`.
+    Port { port: u16 },
+    /// Instance `instance` (from 1) of the kit service `service` (a slug such as
+    /// `terminal`). The stream then carries HTTP/1.1, upgrades included, served by the
+    /// agent itself. An unknown slug fails the open with `NotFound`.
+    Kit { service: String, instance: u16 },
 }
 
 /// The agent's answer to [`Open`].
@@ -46,6 +55,8 @@ pub enum Opened {
     },
     FileWrite,
     ExecStdio,
+    Port,
+    Kit,
 }
 
 /// The trailer of a [`StreamTarget::FileWrite`] stream.

@@ -3,8 +3,11 @@
 //! the same entry points lives in `protocol/fuzz`.)
 
 use hearth_protocol::exec::{ExecRequest, StdioMode, WinSize};
+use hearth_protocol::files::WriteOptions;
 use hearth_protocol::frame::{encode, FrameReader};
-use hearth_protocol::{ClientMsg, Hello, Open, Request, ServerMsg, StreamTarget};
+use hearth_protocol::{
+    ClientMsg, Hello, Open, OpenReply, Opened, Request, ServerMsg, StreamTarget,
+};
 use proptest::prelude::*;
 
 fn decode_all<T: serde::de::DeserializeOwned>(bytes: &[u8]) {
@@ -42,6 +45,76 @@ fn arb_request() -> impl Strategy<Value = Request> {
     ]
 }
 
+fn arb_stream_target() -> impl Strategy<Value = StreamTarget> {
+    prop_oneof![
+        any::<u64>().prop_map(|exec_id| StreamTarget::ExecStdio { exec_id }),
+        (".{0,40}", any::<u64>(), any::<Option<u64>>())
+            .prop_map(|(path, offset, len)| StreamTarget::FileRead { path, offset, len }),
+        (".{0,40}", any::<Option<u64>>()).prop_map(|(path, expected_len)| {
+            StreamTarget::FileWrite {
+                path,
+                opts: WriteOptions {
+                    expected_len,
+                    ..Default::default()
+                },
+            }
+        }),
+        any::<u16>().prop_map(|port| StreamTarget::Port { port }),
+        ("[a-z]{0,12}", any::<u16>())
+            .prop_map(|(service, instance)| StreamTarget::Kit { service, instance }),
+    ]
+}
+
+/// A frame's body, without its length prefix.
+fn body<T: serde::Serialize>(msg: &T) -> Vec<u8> {
+    encode(msg).unwrap()[4..].to_vec()
+}
+
+/// Postcard writes an enum's variant index first. Appending variants keeps the old
+/// indices; these pin them, so a reorder or an insertion in the middle fails here
+/// instead of on a mixed host/agent pair.
+#[test]
+fn stream_variant_tags_are_append_only() {
+    let targets = [
+        StreamTarget::ExecStdio { exec_id: 0 },
+        StreamTarget::FileRead {
+            path: String::new(),
+            offset: 0,
+            len: None,
+        },
+        StreamTarget::FileWrite {
+            path: String::new(),
+            opts: WriteOptions::default(),
+        },
+        StreamTarget::Port { port: 8080 },
+        StreamTarget::Kit {
+            service: "files".into(),
+            instance: 1,
+        },
+    ];
+    let tags: Vec<u8> = targets.iter().map(|t| body(t)[0]).collect();
+    assert_eq!(tags, [0, 1, 2, 3, 4]);
+    let opened = [
+        Opened::Rpc,
+        Opened::FileRead { len: 0 },
+        Opened::FileWrite,
+        Opened::ExecStdio,
+        Opened::Port,
+        Opened::Kit,
+    ];
+    // `Ok` is tag 0 of `Result`; the `Opened` tag follows it.
+    let tags: Vec<u8> = opened
+        .into_iter()
+        .map(|o| body(&OpenReply::Ok(o))[1])
+        .collect();
+    assert_eq!(tags, [0, 1, 2, 3, 4, 5]);
+    // A whole port open, byte for byte: Stream (1), Port (3), 8080 as a varint.
+    assert_eq!(
+        body(&Open::Stream(StreamTarget::Port { port: 8080 })),
+        [1, 3, 0x90, 0x3f]
+    );
+}
+
 proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
@@ -72,8 +145,8 @@ proptest! {
     }
 
     #[test]
-    fn stream_targets_round_trip(path in ".{0,40}", offset in any::<u64>(), len in any::<Option<u64>>()) {
-        let open = Open::Stream(StreamTarget::FileRead { path, offset, len });
+    fn stream_targets_round_trip(target in arb_stream_target()) {
+        let open = Open::Stream(target);
         let bytes = encode(&open).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let back: Open = rt.block_on(async {

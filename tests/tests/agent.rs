@@ -743,3 +743,283 @@ async fn freeze_and_thaw_through_the_client() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(t.agent.freezer.frozen(), 0);
 }
+
+/// A TCP server on the guest's loopback (here: the test's own) that answers each
+/// connection with `serve`.
+async fn local_server<F, Fut>(serve: F) -> u16
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    port
+}
+
+/// Echoes until the client half-closes, then says so and closes: the trailer proves the
+/// EOF crossed the stream while the way back stayed open.
+async fn echo_then_trailer(mut s: tokio::net::TcpStream) {
+    let (mut rd, mut wr) = s.split();
+    tokio::io::copy(&mut rd, &mut wr).await.unwrap();
+    wr.write_all(b"<eof seen>").await.unwrap();
+}
+
+/// Live connections the agent has accepted: the kernel lists each under the socket's
+/// path, like the listener itself (which is not counted).
+fn live_agent_conns(t: &TestAgent) -> usize {
+    let path = t.socket().to_string_lossy().into_owned();
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let n = table
+        .lines()
+        .filter(|l| l.trim_end().ends_with(path.as_str()))
+        .count();
+    n - 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_port_carries_bytes_both_ways_with_half_close() {
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let port = local_server(echo_then_trailer).await;
+    let stream = c.open_port(port).await.unwrap();
+    assert_eq!(stream.opened, hearth_protocol::Opened::Port);
+    let data: Vec<u8> = (0..4 * 1024 * 1024u32)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let to_send = data.clone();
+    // Written while the echo is read: the echo server stops reading once its answer
+    // backs up.
+    let writer = tokio::spawn(async move {
+        wr.write_all(&to_send).await.unwrap();
+        wr.shutdown().await.unwrap();
+        wr
+    });
+    let mut got = Vec::new();
+    rd.read_to_end(&mut got).await.unwrap();
+    drop(writer.await.unwrap());
+    let (echo, trailer) = got.split_at(got.len().saturating_sub(10));
+    assert_eq!(trailer, b"<eof seen>");
+    assert_eq!(echo.len(), data.len());
+    assert_eq!(Sha256::digest(echo), Sha256::digest(&data));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_app_on_a_guest_port_answers_a_raw_request() {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let port = local_server(|s| async move {
+        let svc =
+            hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                let body = format!("app saw {} {}", req.method(), req.uri());
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                    body,
+                ))))
+            });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+            .await;
+    })
+    .await;
+    let mut s = c.open_port(port).await.unwrap();
+    s.write_all(b"GET /hello?x=1 HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\napp saw GET /hello?x=1"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_nobody_listens_on_is_a_typed_error() {
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let err = c.open_port(port).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::NotFound), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("nothing listens on port {port} in the guest")),
+        "{err}"
+    );
+    let err = c.open_port(0).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::InvalidArgument), "{err}");
+    // A refused open costs only its own connection.
+    let port = local_server(echo_then_trailer).await;
+    let mut s = c.open_port(port).await.unwrap();
+    s.write_all(b"still here").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"still here<eof seen>");
+}
+
+/// `GET path` over an HTTP/1.1 connection: the status and the body as JSON.
+async fn get_json(
+    send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<hyper::body::Bytes>>,
+    method: hyper::Method,
+    path: &str,
+) -> (u16, serde_json::Value) {
+    use http_body_util::BodyExt;
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "kit.test")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    // The previous answer must be fully read before the connection takes the next.
+    send.ready().await.unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    assert_eq!(resp.headers()["content-type"], "application/json", "{path}");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kit_services_answer_health_over_http() {
+    use hyper::Method;
+    let t = TestAgent::start().await;
+    let c = t.client();
+    for (slug, instance) in [("files", 1), ("terminal", 3), ("n", 2)] {
+        let stream = c.open_kit(slug, instance).await.unwrap();
+        assert_eq!(stream.opened, hearth_protocol::Opened::Kit);
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        // Several requests on one stream: it is a keep-alive HTTP connection.
+        for path in ["/health".to_string(), format!("/api/v1/{slug}/health")] {
+            let (status, body) = get_json(&mut send, Method::GET, &path).await;
+            assert_eq!(status, 200, "{slug} {path}: {body}");
+            assert_eq!(body["status"], "ok");
+            assert_eq!(body["service"], slug);
+            assert_eq!(body["instance"], instance);
+            assert_eq!(body["version"], hearth_agent::AGENT_VERSION);
+        }
+        let (status, body) = get_json(&mut send, Method::GET, "/no/such/route").await;
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(body["statusCode"], 404);
+        assert_eq!(body["error"], "Not Found");
+        assert!(body["message"].as_str().unwrap().contains("/no/such/route"));
+        let (status, body) = get_json(&mut send, Method::POST, "/health").await;
+        assert_eq!(status, 405, "{body}");
+        assert_eq!(body["statusCode"], 405);
+        drop(send);
+        conn.await.unwrap().unwrap();
+    }
+
+    let err = c.open_kit("teapot", 1).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::NotFound), "{err}");
+    let err = c.open_kit("files", 0).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::InvalidArgument), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_pipelined_behind_the_open_are_not_lost() {
+    // A client may send its first bytes in the same write as the handshake and `Open`;
+    // the agent has then already read them with the frames.
+    let t = TestAgent::start().await;
+    let port = local_server(echo_then_trailer).await;
+    let opens = [
+        (
+            hearth_protocol::StreamTarget::Kit {
+                service: "logs".into(),
+                instance: 7,
+            },
+            &b"GET /health HTTP/1.1\r\nHost: k\r\nConnection: close\r\n\r\n"[..],
+        ),
+        (
+            hearth_protocol::StreamTarget::Port { port },
+            &b"early bytes"[..],
+        ),
+    ];
+    for (target, payload) in opens {
+        let mut s = UnixStream::connect(t.socket()).await.unwrap();
+        let mut out = preamble().to_vec();
+        out.extend(
+            encode(&Hello {
+                features: 0,
+                secret: t.secret.clone(),
+            })
+            .unwrap(),
+        );
+        out.extend(encode(&hearth_protocol::Open::Stream(target)).unwrap());
+        out.extend_from_slice(payload);
+        s.write_all(&out).await.unwrap();
+        // Half-close right away: the answer must still come back whole.
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        let mut r = hearth_protocol::FrameReader::new(&rest[..]);
+        assert!(matches!(
+            r.read::<HelloReply>().await.unwrap(),
+            Some(HelloReply::Accepted { .. })
+        ));
+        assert!(r
+            .read::<hearth_protocol::OpenReply>()
+            .await
+            .unwrap()
+            .unwrap()
+            .is_ok());
+        let (unread, mut after) = r.into_parts();
+        after.extend_from_slice(unread);
+        let text = String::from_utf8_lossy(&after);
+        if payload.starts_with(b"GET") {
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+            assert!(text.contains(r#""service":"logs","instance":7"#), "{text}");
+        } else {
+            assert_eq!(text, "early bytes<eof seen>");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_sequential_port_streams_leave_no_connections_behind() {
+    let t = TestAgent::start().await;
+    let c = t.client();
+    let port = local_server(echo_then_trailer).await;
+    let mut most_live = 0;
+    for i in 0..50 {
+        let mut s = c.open_port(port).await.unwrap();
+        let msg = format!("request {i}");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, format!("{msg}<eof seen>").as_bytes());
+        drop(s);
+        most_live = most_live.max(live_agent_conns(&t));
+    }
+    // A stream uses up its connection, so the agent accepts one per stream; what must
+    // stay bounded is what is alive: the idle pool, plus the odd stream or refill that
+    // is still closing.
+    assert!(
+        most_live <= 6,
+        "{most_live} agent connections alive at once"
+    );
+    let mut live = live_agent_conns(&t);
+    for _ in 0..100 {
+        if live <= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        live = live_agent_conns(&t);
+    }
+    assert!(
+        live <= 2,
+        "{live} agent connections left after the streams ended"
+    );
+}

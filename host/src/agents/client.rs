@@ -255,6 +255,40 @@ impl AgentClient {
         self.open_stream(StreamTarget::ExecStdio { exec_id }).await
     }
 
+    /// A byte stream to `port` on the guest's loopback, for the proxy to splice an
+    /// `http-<port>` request onto. Shutting down the write side (the request is complete)
+    /// still lets the rest of the app's answer arrive. Fails with `NotFound` when nothing
+    /// listens there.
+    pub async fn open_port(self: &Arc<Self>, port: u16) -> Result<AgentStream> {
+        self.open_expecting(StreamTarget::Port { port }, Opened::Port)
+            .await
+    }
+
+    /// An HTTP/1.1 connection (upgrades included) to instance `instance` of the kit
+    /// service `service`, served by the agent. Fails with `NotFound` for an unknown
+    /// service and `InvalidArgument` for instance 0.
+    pub async fn open_kit(self: &Arc<Self>, service: &str, instance: u16) -> Result<AgentStream> {
+        let target = StreamTarget::Kit {
+            service: service.into(),
+            instance,
+        };
+        self.open_expecting(target, Opened::Kit).await
+    }
+
+    /// Opens a stream and checks that the agent opened what was asked: an agent that
+    /// answered something else is confused, and its bytes must not reach a caller.
+    async fn open_expecting(
+        self: &Arc<Self>,
+        target: StreamTarget,
+        want: Opened,
+    ) -> Result<AgentStream> {
+        let s = self.open_stream(target).await?;
+        if s.opened != want {
+            return Err(AgentError::Unexpected(format!("{:?}", s.opened)));
+        }
+        Ok(s)
+    }
+
     pub async fn stat(&self, path: &str, follow: bool) -> Result<FileStat> {
         match self
             .call(Request::Stat {

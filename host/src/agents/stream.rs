@@ -36,6 +36,15 @@ impl AgentStream {
     }
 }
 
+impl std::fmt::Debug for AgentStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentStream")
+            .field("opened", &self.opened)
+            .field("buffered", &(self.buffered.len() - self.pos))
+            .finish_non_exhaustive()
+    }
+}
+
 impl AsyncRead for AgentStream {
     fn poll_read(
         self: Pin<&mut Self>,
