@@ -26,7 +26,8 @@ const OUTPUT_CHUNK: usize = 64 * 1024;
 const DRAIN_QUIET: Duration = Duration::from_millis(25);
 /// How long a `StdioMode::Stream` exec waits for its stream to be attached.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The processes this agent is running, by exec id.
 #[derive(Default)]

@@ -15,40 +15,67 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
-/// What an engine holds while frozen; dropping it (or [`Held::thaw`]) releases it.
+/// What an engine holds while frozen; [`Held::thaw`] releases it.
 pub enum Held {
     /// Nothing to hold: the engine's work was done at freeze time (a checkpoint).
     Nothing,
     /// A client session that keeps a lock until told otherwise (MariaDB's
-    /// `FLUSH TABLES WITH READ LOCK` lives as long as its session).
-    Session(Child),
+    /// `FLUSH TABLES WITH READ LOCK` lives as long as its session); `release` is written
+    /// to its stdin at thaw before it is closed.
+    Session {
+        child: Child,
+        release: &'static [u8],
+    },
+    /// A command that lifts what the freeze set up (Redis `CLIENT UNPAUSE`).
+    Command(Vec<String>),
 }
 
 impl Held {
     async fn thaw(self) {
-        if let Held::Session(mut child) = self {
-            if let Some(mut stdin) = child.stdin.take() {
-                let _ = stdin.write_all(b"UNLOCK TABLES;\n").await;
-                drop(stdin);
+        match self {
+            Held::Nothing => {}
+            Held::Session { mut child, release } => {
+                if let Some(mut stdin) = child.stdin.take() {
+                    let _ = stdin.write_all(release).await;
+                    drop(stdin);
+                }
+                if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
+                }
             }
-            if tokio::time::timeout(Duration::from_secs(5), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
+            Held::Command(argv) => {
+                if let Some((prog, args)) = argv.split_first() {
+                    if let Err(e) = run(command(prog).args(args), "thaw").await {
+                        tracing::warn!("thaw {prog}: {e}");
+                    }
+                }
             }
         }
     }
 }
+
+pub type EngineFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Held, Error>> + Send + 'a>>;
 
 /// A database engine that can be quiesced.
 pub trait Engine: Send + Sync {
     fn name(&self) -> &'static str;
     /// systemd units whose being active means the engine runs.
     fn units(&self) -> &'static [&'static str];
-    fn freeze(
-        &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Held, Error>> + Send + '_>>;
+    /// Makes the engine's files consistent on disk and holds them so until thawed;
+    /// whatever it holds must also end by itself after `timeout`.
+    fn freeze(&self, timeout: Duration) -> EngineFuture<'_>;
+}
+
+/// A command for an engine's client. The agent may run as the guest's init, before
+/// anything set a PATH, and the clients live in sbin directories too.
+fn command(program: &str) -> Command {
+    let mut c = Command::new(program);
+    c.env("PATH", crate::exec::DEFAULT_PATH);
+    c
 }
 
 async fn run(cmd: &mut Command, what: &str) -> Result<(), Error> {
@@ -75,21 +102,12 @@ impl Engine for Postgres {
     fn units(&self) -> &'static [&'static str] {
         &["postgresql.service", "postgresql@*.service"]
     }
-    fn freeze(
-        &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Held, Error>> + Send + '_>> {
+    fn freeze(&self, _timeout: Duration) -> EngineFuture<'_> {
         // A checkpoint writes every dirty page and the WAL position: a snapshot taken
         // after it starts without crash recovery.
         Box::pin(async {
             run(
-                Command::new("runuser").args([
-                    "-u",
-                    "postgres",
-                    "--",
-                    "psql",
-                    "-qAtc",
-                    "CHECKPOINT",
-                ]),
+                command("runuser").args(["-u", "postgres", "--", "psql", "-qAtc", "CHECKPOINT"]),
                 "postgresql CHECKPOINT",
             )
             .await
@@ -106,25 +124,88 @@ impl Engine for Redis {
     fn units(&self) -> &'static [&'static str] {
         &[
             "redis-server.service",
+            "redis-server@*.service",
             "redis.service",
             "valkey-server.service",
+            "valkey-server@*.service",
             "valkey.service",
         ]
     }
-    fn freeze(
-        &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Held, Error>> + Send + '_>> {
-        // SAVE writes the dataset synchronously; the RDB file is then complete on disk.
-        Box::pin(async {
+    fn freeze(&self, timeout: Duration) -> EngineFuture<'_> {
+        // Writes are paused first (for at most the freeze's timeout, so a vanished host
+        // cannot leave Redis read-only), then SAVE writes the dataset synchronously: the
+        // RDB file holds every write acknowledged before the freeze, and none after.
+        Box::pin(async move {
             let cli = if std::path::Path::new("/usr/bin/valkey-cli").exists() {
                 "valkey-cli"
             } else {
                 "redis-cli"
             };
-            run(Command::new(cli).arg("SAVE"), "redis SAVE")
-                .await
-                .map(|()| Held::Nothing)
+            let ms = timeout.as_millis().to_string();
+            run(
+                command(cli).args(["CLIENT", "PAUSE", &ms, "WRITE"]),
+                "redis CLIENT PAUSE",
+            )
+            .await?;
+            let unpause = Held::Command(vec![cli.into(), "CLIENT".into(), "UNPAUSE".into()]);
+            if let Err(e) = run(command(cli).arg("SAVE"), "redis SAVE").await {
+                unpause.thaw().await;
+                return Err(e);
+            }
+            Ok(unpause)
         })
+    }
+}
+
+/// Starts a client whose session holds a lock: writes `lock` to its stdin and waits
+/// (up to `timeout`) until its output says `ready`; the lock lasts until `release` is
+/// written at thaw, or until the session ends.
+async fn locked_session(
+    argv: &[&str],
+    lock: &[u8],
+    ready: &str,
+    release: &'static [u8],
+    timeout: Duration,
+) -> Result<Held, Error> {
+    use tokio::io::AsyncBufReadExt;
+    let what = argv[0];
+    let mut child = command(what)
+        .args(&argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| Error::from_io(&e, what))?;
+    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        return Err(Error::internal(format!("{what}: no stdio pipes")));
+    };
+    stdin
+        .write_all(lock)
+        .await
+        .map_err(|e| Error::from_io(&e, what))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let wait = async {
+        while let Some(line) = lines.next_line().await? {
+            if line.trim() == ready {
+                return Ok(true);
+            }
+        }
+        Ok::<_, std::io::Error>(false)
+    };
+    match tokio::time::timeout(timeout, wait).await {
+        Err(_) => Err(Error::new(
+            hearth_protocol::ErrorKind::TimedOut,
+            format!("{what}: lock not taken within {timeout:?}"),
+        )),
+        Ok(Err(e)) => Err(Error::from_io(&e, what)),
+        Ok(Ok(false)) => Err(Error::internal(format!(
+            "{what}: the session ended before the lock was taken"
+        ))),
+        Ok(Ok(true)) => {
+            child.stdin = Some(stdin);
+            Ok(Held::Session { child, release })
+        }
     }
 }
 
@@ -134,76 +215,88 @@ impl Engine for MariaDb {
         "mariadb"
     }
     fn units(&self) -> &'static [&'static str] {
-        &["mariadb.service", "mysql.service"]
+        &["mariadb.service", "mariadb@*.service", "mysql.service"]
     }
-    fn freeze(
-        &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Held, Error>> + Send + '_>> {
+    fn freeze(&self, timeout: Duration) -> EngineFuture<'_> {
         // The read lock holds only while its session lives: keep a client open with the
-        // lock taken, and release it at thaw. `SELECT 'locked'` tells us when it holds.
-        Box::pin(async {
-            let mut child = Command::new("mariadb")
-                .args(["--batch", "--skip-column-names"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| Error::from_io(&e, "mariadb client"))?;
-            let mut stdin = child
-                .stdin
-                .take()
-                .ok_or_else(|| Error::internal("mariadb client has no stdin"))?;
-            stdin
-                .write_all(b"FLUSH TABLES WITH READ LOCK;\nSELECT 'locked';\n")
-                .await
-                .map_err(|e| Error::from_io(&e, "mariadb client"))?;
-            let mut stdout = child
-                .stdout
-                .take()
-                .ok_or_else(|| Error::internal("mariadb client has no stdout"))?;
-            let mut buf = [0u8; 64];
-            use tokio::io::AsyncReadExt;
-            let n = tokio::time::timeout(Duration::from_secs(30), stdout.read(&mut buf))
-                .await
-                .map_err(|_| {
-                    Error::new(
-                        hearth_protocol::ErrorKind::TimedOut,
-                        "FLUSH TABLES WITH READ LOCK",
-                    )
-                })?
-                .map_err(|e| Error::from_io(&e, "mariadb client"))?;
-            if !String::from_utf8_lossy(&buf[..n]).contains("locked") {
-                return Err(Error::internal("mariadb did not take the read lock"));
-            }
-            child.stdin = Some(stdin);
-            Ok(Held::Session(child))
-        })
+        // lock taken (it also blocks commits, so nothing acknowledged after the freeze is
+        // in the snapshot), and release it at thaw.
+        Box::pin(locked_session(
+            &["mariadb", "--batch", "--unbuffered", "--skip-column-names"],
+            b"FLUSH TABLES WITH READ LOCK;\nSELECT 'hearth-locked';\n",
+            "hearth-locked",
+            b"UNLOCK TABLES;\n",
+            timeout,
+        ))
+    }
+}
+
+/// MongoDB is not in Debian's archive, so this engine is exercised only where an
+/// operator installed it; it follows MongoDB's documented snapshot procedure.
+struct MongoDb;
+impl Engine for MongoDb {
+    fn name(&self) -> &'static str {
+        "mongodb"
+    }
+    fn units(&self) -> &'static [&'static str] {
+        &["mongod.service", "mongodb.service"]
+    }
+    fn freeze(&self, timeout: Duration) -> EngineFuture<'_> {
+        // fsyncLock flushes and blocks writes until fsyncUnlock on the same session.
+        Box::pin(locked_session(
+            &["mongosh", "--quiet", "--norc"],
+            b"db.fsyncLock(); print('hearth-locked')\n",
+            "hearth-locked",
+            b"db.fsyncUnlock()\n",
+            timeout,
+        ))
     }
 }
 
 /// The built-in engines.
-pub fn builtin_engines() -> Vec<Box<dyn Engine>> {
-    vec![Box::new(Postgres), Box::new(MariaDb), Box::new(Redis)]
+pub fn builtin_engines() -> Vec<Arc<dyn Engine>> {
+    vec![
+        Arc::new(Postgres),
+        Arc::new(MariaDb),
+        Arc::new(Redis),
+        Arc::new(MongoDb),
+    ]
 }
 
-/// Is any of `units` active? Asks systemd (`systemctl is-active`, which speaks D-Bus to
-/// PID 1); a guest without systemd has none of these running.
-async fn active(units: &[&str]) -> bool {
-    for unit in units {
-        let ok = Command::new("systemctl")
-            .args(["is-active", "--quiet", unit])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await
-            .is_ok_and(|s| s.success());
-        if ok {
-            return true;
+/// The names of the active services, from systemd (`systemctl list-units`, which speaks
+/// D-Bus to PID 1) in one call; a guest without systemd has none.
+async fn active_units() -> Vec<String> {
+    let out = command("systemctl")
+        .args([
+            "list-units",
+            "--type=service",
+            "--state=active",
+            "--plain",
+            "--no-legend",
+            "--no-pager",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .await;
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Does `unit` match `pattern`, where a `*` in the pattern stands for any instance
+/// (`postgresql@*.service` matches `postgresql@17-main.service`)?
+fn unit_matches(pattern: &str, unit: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == unit,
+        Some((pre, post)) => {
+            unit.len() >= pre.len() + post.len() && unit.starts_with(pre) && unit.ends_with(post)
         }
     }
-    false
 }
 
 /// Flushes every dirty page of the root file system (and so every file on it).
@@ -224,7 +317,7 @@ struct Freeze {
 
 /// The freezes in effect, by id.
 pub struct Freezer {
-    engines: Vec<Box<dyn Engine>>,
+    engines: Vec<Arc<dyn Engine>>,
     next: AtomicU64,
     active: Arc<Mutex<HashMap<u64, Freeze>>>,
 }
@@ -236,7 +329,7 @@ impl Default for Freezer {
 }
 
 impl Freezer {
-    pub fn new(engines: Vec<Box<dyn Engine>>) -> Self {
+    pub fn new(engines: Vec<Arc<dyn Engine>>) -> Self {
         Freezer {
             engines,
             next: AtomicU64::new(1),
@@ -247,24 +340,41 @@ impl Freezer {
     /// Quiesces every running engine, then syncs. Returns the freeze id and the engines
     /// quiesced. On any failure everything already held is released.
     pub async fn freeze(&self, timeout: Duration) -> Result<(u64, Vec<String>), Error> {
-        let mut held = Vec::new();
-        let mut names = Vec::new();
-        for e in &self.engines {
-            if !active(e.units()).await {
-                continue;
+        let running = active_units().await;
+        // Engines are independent, so they quiesce at the same time: the freeze costs
+        // the slowest engine, not the sum.
+        let mut set = tokio::task::JoinSet::new();
+        for (i, e) in self.engines.iter().enumerate() {
+            let on = e
+                .units()
+                .iter()
+                .any(|p| running.iter().any(|u| unit_matches(p, u)));
+            if on {
+                let e = e.clone();
+                set.spawn(async move { (i, e.name(), e.freeze(timeout).await) });
             }
-            match e.freeze().await {
-                Ok(h) => {
-                    held.push(h);
-                    names.push(e.name().to_string());
+        }
+        let mut done = Vec::new();
+        let mut failed = None;
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok((i, name, Ok(h))) => done.push((i, name, h)),
+                Ok((_, name, Err(err))) => {
+                    failed.get_or_insert(Error::internal(format!("freeze {name}: {err}")));
                 }
-                Err(err) => {
-                    for h in held {
-                        h.thaw().await;
-                    }
-                    return Err(Error::internal(format!("freeze {}: {err}", e.name())));
+                Err(e) => {
+                    failed.get_or_insert(Error::internal(format!("freeze worker: {e}")));
                 }
             }
+        }
+        done.sort_by_key(|d| d.0);
+        let names: Vec<String> = done.iter().map(|d| d.1.to_string()).collect();
+        let held: Vec<Held> = done.into_iter().map(|d| d.2).collect();
+        if let Some(err) = failed {
+            for h in held {
+                h.thaw().await;
+            }
+            return Err(err);
         }
         let synced = tokio::task::spawn_blocking(syncfs_root)
             .await
@@ -324,6 +434,21 @@ impl Freezer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unit_patterns_match_instances() {
+        assert!(unit_matches("mariadb.service", "mariadb.service"));
+        assert!(!unit_matches("mariadb.service", "mariadb-backup.service"));
+        assert!(unit_matches(
+            "postgresql@*.service",
+            "postgresql@17-main.service"
+        ));
+        assert!(!unit_matches("postgresql@*.service", "postgresql.service"));
+        assert!(!unit_matches(
+            "redis-server@*.service",
+            "redis-server@.servic"
+        ));
+    }
 
     #[tokio::test]
     async fn freeze_syncs_and_thaws_by_itself_when_the_host_vanishes() {

@@ -22,6 +22,12 @@ use std::time::Duration;
 
 /// How long a started guest gets to answer on its agent socket.
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a guest's databases may stay frozen for a snapshot before the agent thaws
+/// them by itself (the host died or hung between freeze and thaw).
+const FREEZE_HOLD: Duration = Duration::from_secs(30);
+/// How long quiescing may take: a checkpoint under heavy write load, or FLUSH TABLES
+/// waiting out a long query.
+const FREEZE_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Disk sizes users may ask for, in GiB.
 const DISK_GB_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000;
@@ -34,6 +40,9 @@ pub enum NodeError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// The guest cannot do it now (its agent does not answer); worth retrying.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0:#}")]
     Internal(anyhow::Error),
 }
@@ -73,6 +82,10 @@ pub struct SnapshotRequest {
     pub alias: Option<String>,
     /// Days until the snapshot is swept (1-3650).
     pub expiry: Option<u32>,
+    /// Flush and hold the guest's databases while the snapshot is taken (default true
+    /// for a running guest). `false` takes a crash-consistent snapshot, for a guest
+    /// whose agent does not answer.
+    pub quiesce: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -605,19 +618,70 @@ impl Node {
                         .unwrap_or_default()
                 }),
                 state: "creating".into(),
+                quiesced: None,
             };
             store.insert_snapshot(&row)?;
             row
         };
-        let pool = self.pool.clone();
-        let (id, name) = (c.id.clone(), row.name.clone());
-        let made = blocking(move || pool.snapshot_container(&id, &name).map_err(internal)).await;
-        if let Err(e) = made {
-            self.store().delete_snapshot(&c.id, &row.name)?;
-            return Err(e);
+        let made = if c.state == State::Running && req.quiesce.unwrap_or(true) {
+            self.snapshot_quiesced(&c, &row.name).await.map(Some)
+        } else {
+            self.snapshot_rootfs(&c.id, &row.name).await.map(|()| None)
+        };
+        match made {
+            Err(e) => {
+                self.store().delete_snapshot(&c.id, &row.name)?;
+                Err(e)
+            }
+            Ok(quiesced) => {
+                self.store()
+                    .set_snapshot_ready(&c.id, &row.name, quiesced.as_deref())?;
+                Ok(self.store().snapshot(&c.id, &row.name)?)
+            }
         }
-        self.store().set_snapshot_state(&c.id, &row.name, "ready")?;
-        Ok(self.store().snapshot(&c.id, &row.name)?)
+    }
+
+    async fn snapshot_rootfs(&self, id: &str, name: &str) -> Result<(), NodeError> {
+        let pool = self.pool.clone();
+        let (id, name) = (id.to_string(), name.to_string());
+        blocking(move || pool.snapshot_container(&id, &name).map_err(internal))
+            .await
+            .map(drop)
+    }
+
+    /// Freeze (the agent flushes and holds each running database, then syncs), the
+    /// read-only snapshot, thaw. Returns the engines that were held. A thaw that does
+    /// not arrive is covered by the agent's own deadline.
+    async fn snapshot_quiesced(
+        &self,
+        c: &ContainerRow,
+        name: &str,
+    ) -> Result<Vec<String>, NodeError> {
+        let agent = self.agent(c)?;
+        let frozen = tokio::time::timeout(FREEZE_CALL_TIMEOUT, agent.freeze(FREEZE_HOLD)).await;
+        let (freeze_id, engines) = match frozen {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                return Err(NodeError::Unavailable(format!(
+                    "could not quiesce the guest for a consistent snapshot: {e:#} \
+                     (\"quiesce\": false takes a crash-consistent one)"
+                )))
+            }
+            Err(_) => {
+                return Err(NodeError::Unavailable(format!(
+                    "the guest did not quiesce within {FREEZE_CALL_TIMEOUT:?} \
+                     (\"quiesce\": false takes a crash-consistent one)"
+                )))
+            }
+        };
+        let made = self.snapshot_rootfs(&c.id, name).await;
+        if let Err(e) = agent.thaw(freeze_id).await {
+            tracing::warn!(
+                "thaw of {} failed ({e:#}); its agent thaws by itself within {FREEZE_HOLD:?}",
+                c.id
+            );
+        }
+        made.map(|()| engines)
     }
 
     pub fn snapshots(

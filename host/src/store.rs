@@ -96,6 +96,9 @@ pub struct SnapshotRow {
     pub created_at: String,
     pub expires_at: Option<String>,
     pub state: String,
+    /// The database engines flushed and held for it (`Some(empty)`: the guest ran no
+    /// database); `None` when the guest was not running, so its disk was at rest.
+    pub quiesced: Option<Vec<String>>,
 }
 
 pub struct Store {
@@ -135,6 +138,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     created_at TEXT NOT NULL,
     expires_at TEXT,
     state TEXT NOT NULL,
+    quiesced TEXT,
     PRIMARY KEY (container_id, name)
 );
 "#;
@@ -187,11 +191,18 @@ fn conflict(e: rusqlite::Error, what: &str) -> StoreError {
 /// Brings a database made by an older hearthd up to [`SCHEMA`]: `CREATE TABLE IF NOT
 /// EXISTS` leaves existing tables as they were, so columns added since are added here.
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    let mut st = conn.prepare("SELECT name FROM pragma_table_info('containers')")?;
-    let columns: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
-    if !columns.iter().any(|c| c == "disk_bytes") {
-        // Existing containers stay unlimited, as they were created.
-        conn.execute_batch("ALTER TABLE containers ADD COLUMN disk_bytes INTEGER")?;
+    // Existing containers stay unlimited, as they were created; existing snapshots say
+    // nothing about quiescing.
+    const ADDED: &[(&str, &str, &str)] = &[
+        ("containers", "disk_bytes", "INTEGER"),
+        ("snapshots", "quiesced", "TEXT"),
+    ];
+    for (table, column, ty) in ADDED {
+        let mut st = conn.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?;
+        let columns: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        if !columns.iter().any(|c| c == column) {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
+        }
     }
     Ok(())
 }
@@ -388,15 +399,17 @@ impl Store {
     pub fn insert_snapshot(&self, s: &SnapshotRow) -> Result<(), StoreError> {
         self.conn
             .execute(
-                "INSERT INTO snapshots (container_id, name, alias, created_at, expires_at, state)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO snapshots
+                 (container_id, name, alias, created_at, expires_at, state, quiesced)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     s.container_id,
                     s.name,
                     s.alias,
                     s.created_at,
                     s.expires_at,
-                    s.state
+                    s.state,
+                    s.quiesced.as_ref().map(|q| q.join(","))
                 ],
             )
             .map_err(|e| conflict(e, &format!("snapshot {}", s.name)))?;
@@ -406,7 +419,8 @@ impl Store {
     /// Every snapshot, or one container's, oldest first.
     pub fn snapshots(&self, container_id: Option<&str>) -> Result<Vec<SnapshotRow>, StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT container_id, name, alias, created_at, expires_at, state FROM snapshots
+            "SELECT container_id, name, alias, created_at, expires_at, state, quiesced
+             FROM snapshots
              WHERE (?1 IS NULL OR container_id = ?1) ORDER BY created_at, name",
         )?;
         let rows = st.query_map([container_id], |r| {
@@ -417,6 +431,12 @@ impl Store {
                 created_at: r.get(3)?,
                 expires_at: r.get(4)?,
                 state: r.get(5)?,
+                quiesced: r.get::<_, Option<String>>(6)?.map(|q| {
+                    q.split(',')
+                        .filter(|e| !e.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                }),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -439,6 +459,21 @@ impl Store {
         self.conn.execute(
             "UPDATE snapshots SET state = ?3 WHERE container_id = ?1 AND name = ?2",
             params![container_id, name, state],
+        )?;
+        Ok(())
+    }
+
+    /// Marks a snapshot made: `ready`, with what was quiesced for it.
+    pub fn set_snapshot_ready(
+        &self,
+        container_id: &str,
+        name: &str,
+        quiesced: Option<&[String]>,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE snapshots SET state = 'ready', quiesced = ?3
+             WHERE container_id = ?1 AND name = ?2",
+            params![container_id, name, quiesced.map(|q| q.join(","))],
         )?;
         Ok(())
     }

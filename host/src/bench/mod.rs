@@ -3,6 +3,7 @@
 //! absolute number that depends on the machine.
 
 pub mod agent;
+pub mod dbload;
 pub mod floor;
 pub mod lifecycle;
 pub mod placement;

@@ -60,6 +60,7 @@ impl From<NodeError> for ApiError {
             NodeError::NotFound(_) => StatusCode::NOT_FOUND,
             NodeError::Conflict(_) => StatusCode::CONFLICT,
             NodeError::Invalid(_) => StatusCode::BAD_REQUEST,
+            NodeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             NodeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())
@@ -246,6 +247,7 @@ fn snapshot_json(s: &crate::store::SnapshotRow) -> Value {
     json!({
         "name": s.name, "alias": s.alias, "created_at": s.created_at,
         "expires_at": s.expires_at, "stateful": false, "size": null,
+        "quiesced": s.quiesced,
     })
 }
 

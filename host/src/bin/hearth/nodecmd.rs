@@ -130,6 +130,10 @@ pub enum SnapshotCmd {
         /// Delete it automatically after this many days.
         #[arg(long)]
         expiry: Option<u32>,
+        /// Don't flush and hold the guest's databases first (a crash-consistent
+        /// snapshot, for a guest whose agent does not answer).
+        #[arg(long)]
+        no_quiesce: bool,
     },
     List {
         container: String,
@@ -157,16 +161,29 @@ pub async fn snapshots(ctl: &ControlClient, cmd: SnapshotCmd, json: bool) -> any
             container,
             alias,
             expiry,
+            no_quiesce,
         } => {
+            let body = json!({ "alias": alias, "expiry": expiry, "quiesce": !no_quiesce });
             let v = ctl
                 .call(
                     Method::POST,
                     &format!("/api/v1/containers/{container}/snapshots"),
-                    Some(json!({ "alias": alias, "expiry": expiry })),
+                    Some(body),
                 )
                 .await?;
             print(json, &v, |v| {
-                println!("snapshot {} of {container}", s(&v["snapshot"], "name"))
+                let sn = &v["snapshot"];
+                match sn["quiesced"].as_array() {
+                    Some(e) if !e.is_empty() => {
+                        let e: Vec<&str> = e.iter().filter_map(|x| x.as_str()).collect();
+                        println!(
+                            "snapshot {} of {container} (flushed: {})",
+                            s(sn, "name"),
+                            e.join(", ")
+                        )
+                    }
+                    _ => println!("snapshot {} of {container}", s(sn, "name")),
+                }
             });
         }
         SnapshotCmd::List { container } => {
