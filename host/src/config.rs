@@ -22,6 +22,81 @@ pub struct Config {
     /// The agent binary installed into images built on this node (default: next to
     /// hearthd).
     pub agent_bin: Option<PathBuf>,
+    pub proxy: ProxyConfig,
+}
+
+/// The HTTPS front door: every guest service at
+/// `https://{project}-{container}-{service}-{n}.{node}.{domain}`, the REST API at
+/// `https://api.{node}.{domain}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Where the HTTPS listener binds (443 in production).
+    pub listen: std::net::SocketAddr,
+    /// `localhost` works with no DNS: browsers and curl resolve `*.localhost` to
+    /// loopback.
+    pub domain: String,
+    /// This node's label in host names (default: the machine's short host name).
+    pub node: String,
+    /// The port URLs name, when a port forward or load balancer puts the listener
+    /// behind another one (default: the listener's).
+    pub public_port: Option<u16>,
+    /// An operator's certificate chain and key (PEM), replacing the generated ones;
+    /// reloaded when the files change.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: std::net::SocketAddr::from(([0, 0, 0, 0], 8443)),
+            domain: "localhost".into(),
+            node: default_node_name(),
+            public_port: None,
+            cert: None,
+            key: None,
+        }
+    }
+}
+
+/// The machine's short host name as a DNS label (lower case, a-z0-9 and '-'), or
+/// `node` when it has none usable.
+fn default_node_name() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let label: String = host
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let label = label.trim_matches('-');
+    if label.is_empty() || label.len() > 63 {
+        "node".into()
+    } else {
+        label.to_string()
+    }
+}
+
+impl ProxyConfig {
+    /// The port that URLs carry (`None` for 443, which URLs leave out).
+    pub fn url_port(&self) -> Option<u16> {
+        let p = self.public_port.unwrap_or(self.listen.port());
+        (p != 443).then_some(p)
+    }
+
+    /// `https://{label}.{node}.{domain}[:port]`.
+    pub fn url_for(&self, label: &str) -> String {
+        match self.url_port() {
+            Some(p) => format!("https://{label}.{}.{}:{p}", self.node, self.domain),
+            None => format!("https://{label}.{}.{}", self.node, self.domain),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -83,6 +158,7 @@ impl Default for Config {
             idmap: IdmapConfig::default(),
             default_image: "debian-13".into(),
             agent_bin: None,
+            proxy: ProxyConfig::default(),
         }
     }
 }
@@ -109,6 +185,11 @@ impl Config {
 
     pub fn lxc_dir(&self) -> PathBuf {
         self.state_dir.join("lxc")
+    }
+
+    /// The node's CA and server certificate.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.state_dir.join("tls")
     }
 
     /// Per-container directories that appear as /run/hearth inside the guest.
