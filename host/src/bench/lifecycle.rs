@@ -282,18 +282,7 @@ async fn lifecycle_once(
         .with_context(|| format!("the create answer has no id: {v}"))?
         .to_string();
 
-    // Through hearthd, which holds the guest's secret; the connection is made once and
-    // then carries every poll.
-    let agent = AgentClient::with_dialer(
-        Arc::new(ControlDialer {
-            client: ctl.clone(),
-            container: id.clone(),
-        }),
-        ClientOptions {
-            idle_streams: 0,
-            ..ClientOptions::default()
-        },
-    );
+    let agent = control_agent(ctl, &id);
     let systemd_state = wait_for_systemd(&agent, &id, poll).await?;
     let systemd = t0.elapsed();
     let failed_units = if systemd_state == "degraded" {
@@ -352,9 +341,24 @@ async fn lifecycle_once(
     })
 }
 
+/// A guest's agent reached through hearthd, which holds the guest's secret; the
+/// connection is made once and then carries every call.
+pub(super) fn control_agent(ctl: &ControlClient, id: &str) -> Arc<AgentClient> {
+    AgentClient::with_dialer(
+        Arc::new(ControlDialer {
+            client: ctl.clone(),
+            container: id.to_string(),
+        }),
+        ClientOptions {
+            idle_streams: 0,
+            ..ClientOptions::default()
+        },
+    )
+}
+
 /// Polls `systemctl is-system-running` until systemd says the boot is over: `running`,
 /// or `degraded` (booted, with a failed unit). Returns which of the two.
-async fn wait_for_systemd(agent: &AgentClient, id: &str, poll: Duration) -> anyhow::Result<String> {
+pub(super) async fn wait_for_systemd(agent: &AgentClient, id: &str, poll: Duration) -> anyhow::Result<String> {
     let start = Instant::now();
     loop {
         let last = match agent.run(&["systemctl", "is-system-running"]).await {

@@ -14,11 +14,17 @@ use std::time::Instant;
 pub struct SnapshotBenchOptions {
     /// Snapshots taken (and raw floors); restores, branches and creates use up to 10.
     pub n: usize,
+    /// Also measure snapshots of a guest running PostgreSQL, MariaDB and Redis under
+    /// write load (installs them from Debian's archive in the guest: ~40 s).
+    pub with_dbs: bool,
 }
 
 impl Default for SnapshotBenchOptions {
     fn default() -> Self {
-        SnapshotBenchOptions { n: 20 }
+        SnapshotBenchOptions {
+            n: 20,
+            with_dbs: true,
+        }
     }
 }
 
@@ -157,6 +163,15 @@ async fn measure(
         ctl.call(Method::DELETE, &format!("/api/v1/containers/{id}"), None)
             .await?;
     }
+    let dbs = if opts.with_dbs {
+        Some(
+            measure_with_dbs(ctl, pool, floor_dir, project, opts.n)
+                .await
+                .context("snapshots with databases")?,
+        )
+    } else {
+        None
+    };
     let (snap, floor, restore, branch, created) = (
         pct(&snap_ms, 50.0)?,
         pct(&floor_ms, 50.0)?,
@@ -167,9 +182,12 @@ async fn measure(
     Ok(json!({
         "snapshot_ms_p50": snap,
         "snapshot_ms_p99": pct(&snap_ms, 99.0)?,
-        // Needs the database freeze wired into snapshots and a guest with PostgreSQL,
-        // MariaDB and Redis under load: not measured yet.
-        "snapshot_with_dbs_ms_p50": Value::Null,
+        "snapshot_with_dbs_ms_p50": dbs.as_ref().map(|d| d.snap_p50),
+        "snapshot_with_dbs_ms_p99": dbs.as_ref().map(|d| d.snap_p99),
+        // The raw snapshot of the database guest's rootfs, under the same load.
+        "floor_snapshot_with_dbs_ms_p50": dbs.as_ref().map(|d| d.floor_p50),
+        "snapshot_with_dbs_vs_floor": dbs.as_ref().map(|d| (d.snap_p50 / floor * 1000.0).round() / 1000.0),
+        "rows_acked_during_dbs_run": dbs.as_ref().map(|d| d.rows.clone()),
         "restore_ms_p50": restore,
         "branch_to_agent_ready_ms_p50": branch,
         "floor_snapshot_ms_p50": floor,
@@ -180,4 +198,104 @@ async fn measure(
         "n": opts.n,
         "restores": k,
     }))
+}
+
+struct DbRun {
+    snap_p50: f64,
+    snap_p99: f64,
+    floor_p50: f64,
+    /// Rows each writer had acknowledged by the end (PostgreSQL, MariaDB, Redis).
+    rows: Vec<u64>,
+}
+
+/// A guest with PostgreSQL, MariaDB and Redis (see [`super::dbload`]), writers running,
+/// snapshotted `n` times through the API (each quiesces all three), beside raw snapshots
+/// of the same rootfs.
+async fn measure_with_dbs(
+    ctl: &ControlClient,
+    pool: &BtrfsPool,
+    floor_dir: &std::path::Path,
+    project: &str,
+    n: usize,
+) -> anyhow::Result<DbRun> {
+    use super::dbload;
+    let v = ctl
+        .call(
+            Method::POST,
+            &format!("/api/v1/projects/{project}/containers"),
+            Some(json!({ "name": "dbs", "memory_mb": 2048 })),
+        )
+        .await
+        .context("create the database guest")?;
+    let id = id_of(&v);
+    let agent = super::lifecycle::control_agent(ctl, &id);
+    super::lifecycle::wait_for_systemd(&agent, &id, std::time::Duration::from_millis(100))
+        .await?;
+    for (what, script) in [
+        ("install the databases", dbload::INSTALL),
+        ("start the writers", dbload::START_WRITERS),
+    ] {
+        let out = agent.run(&["sh", "-c", script]).await.context(what)?;
+        ensure!(
+            out.code() == 0,
+            "{what}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Let the writers reach a steady rate before measuring.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let rootfs = pool.rootfs(&id);
+    let mut snap_ms = Vec::new();
+    let mut floor_ms = Vec::new();
+    for i in 0..n {
+        let t = Instant::now();
+        let v = ctl
+            .call(
+                Method::POST,
+                &format!("/api/v1/containers/{id}/snapshots"),
+                Some(json!({})),
+            )
+            .await
+            .context("snapshot")?;
+        snap_ms.push(ms(t.elapsed()));
+        let quiesced = v["snapshot"]["quiesced"].as_array().map_or(0, Vec::len);
+        ensure!(
+            quiesced == dbload::DATABASES.len(),
+            "snapshot {i} did not quiesce every database: {v}"
+        );
+        let name = v["snapshot"]["name"].as_str().unwrap_or_default().to_string();
+        ctl.call(
+            Method::DELETE,
+            &format!("/api/v1/containers/{id}/snapshots/{name}"),
+            None,
+        )
+        .await
+        .context("delete snapshot")?;
+        let (src, dst) = (rootfs.clone(), floor_dir.join(format!("db{i}")));
+        floor_ms.push(
+            blocking(move || {
+                let t = Instant::now();
+                btrfs::snapshot(&src, &dst, true)?;
+                let d = ms(t.elapsed());
+                btrfs::delete_subvolume(&dst)?;
+                Ok(d)
+            })
+            .await?,
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let out = agent.run(&["sh", "-c", dbload::ACKED]).await?;
+    let rows = dbload::parse_acked(&String::from_utf8_lossy(&out.stdout))
+        .map_err(|e| anyhow::anyhow!("acknowledged rows: {e}"))?;
+    let _ = agent.run(&["sh", "-c", dbload::STOP_WRITERS]).await;
+    ctl.call(Method::DELETE, &format!("/api/v1/containers/{id}"), None)
+        .await
+        .context("delete the database guest")?;
+    Ok(DbRun {
+        snap_p50: pct(&snap_ms, 50.0)?,
+        snap_p99: pct(&snap_ms, 99.0)?,
+        floor_p50: pct(&floor_ms, 50.0)?,
+        rows,
+    })
 }
