@@ -358,7 +358,11 @@ pub(super) fn control_agent(ctl: &ControlClient, id: &str) -> Arc<AgentClient> {
 
 /// Polls `systemctl is-system-running` until systemd says the boot is over: `running`,
 /// or `degraded` (booted, with a failed unit). Returns which of the two.
-pub(super) async fn wait_for_systemd(agent: &AgentClient, id: &str, poll: Duration) -> anyhow::Result<String> {
+pub(super) async fn wait_for_systemd(
+    agent: &AgentClient,
+    id: &str,
+    poll: Duration,
+) -> anyhow::Result<String> {
     let start = Instant::now();
     loop {
         let last = match agent.run(&["systemctl", "is-system-running"]).await {

@@ -229,8 +229,7 @@ async fn measure_with_dbs(
         .context("create the database guest")?;
     let id = id_of(&v);
     let agent = super::lifecycle::control_agent(ctl, &id);
-    super::lifecycle::wait_for_systemd(&agent, &id, std::time::Duration::from_millis(100))
-        .await?;
+    super::lifecycle::wait_for_systemd(&agent, &id, std::time::Duration::from_millis(100)).await?;
     for (what, script) in [
         ("install the databases", dbload::INSTALL),
         ("start the writers", dbload::START_WRITERS),
@@ -264,7 +263,10 @@ async fn measure_with_dbs(
             quiesced == dbload::DATABASES.len(),
             "snapshot {i} did not quiesce every database: {v}"
         );
-        let name = v["snapshot"]["name"].as_str().unwrap_or_default().to_string();
+        let name = v["snapshot"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         ctl.call(
             Method::DELETE,
             &format!("/api/v1/containers/{id}/snapshots/{name}"),
