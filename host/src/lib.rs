@@ -2,6 +2,7 @@
 //! ([`agents`]) and the benchmarks; `hearthd`'s services join it as they are built.
 
 pub mod agents;
+pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod control;

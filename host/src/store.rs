@@ -101,6 +101,29 @@ pub struct SnapshotRow {
     pub quiesced: Option<Vec<String>>,
 }
 
+/// A project API token as stored: never the token itself, only its SHA-256, so a copy
+/// of the database grants nothing.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiTokenRow {
+    pub id: String,
+    pub project: String,
+    pub name: String,
+    #[serde(skip)]
+    pub hash: String,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+    pub revoked_at: Option<String>,
+}
+
+/// A guest service the operator opened to everyone (`service` is a canonical label such
+/// as `files-1` or `http-8000`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PublicServiceRow {
+    pub container_id: String,
+    pub service: String,
+    pub created_at: String,
+}
+
 pub struct Store {
     conn: Connection,
 }
@@ -141,12 +164,40 @@ CREATE TABLE IF NOT EXISTS snapshots (
     quiesced TEXT,
     PRIMARY KEY (container_id, name)
 );
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id TEXT PRIMARY KEY,
+    project TEXT NOT NULL REFERENCES projects(name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL,
+    last_used_at TEXT,
+    revoked_at TEXT
+);
+CREATE INDEX IF NOT EXISTS api_tokens_project ON api_tokens(project);
+CREATE TABLE IF NOT EXISTS public_services (
+    container_id TEXT NOT NULL,
+    service TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (container_id, service)
+);
 "#;
 
 fn now() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+fn row_to_token(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiTokenRow> {
+    Ok(ApiTokenRow {
+        id: r.get("id")?,
+        project: r.get("project")?,
+        name: r.get("name")?,
+        hash: r.get("hash")?,
+        created_at: r.get("created_at")?,
+        last_used_at: r.get("last_used_at")?,
+        revoked_at: r.get("revoked_at")?,
+    })
 }
 
 fn row_to_container(r: &rusqlite::Row<'_>) -> rusqlite::Result<ContainerRow> {
@@ -274,10 +325,13 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("project {name}")))
     }
 
-    /// Deletes an empty project; one that still has containers is a conflict.
+    /// Deletes an empty project; one that still has containers is a conflict. Its API
+    /// tokens go with it, so a project later made with the same name does not inherit
+    /// them.
     pub fn delete_project(&self, name: &str) -> Result<(), StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
         self.project(name)?;
-        let n: i64 = self.conn.query_row(
+        let n: i64 = tx.query_row(
             "SELECT COUNT(*) FROM containers WHERE project = ?1",
             [name],
             |r| r.get(0),
@@ -287,8 +341,9 @@ impl Store {
                 "project {name} still has {n} container(s)"
             )));
         }
-        self.conn
-            .execute("DELETE FROM projects WHERE name = ?1", [name])?;
+        tx.execute("DELETE FROM api_tokens WHERE project = ?1", [name])?;
+        tx.execute("DELETE FROM projects WHERE name = ?1", [name])?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -390,9 +445,13 @@ impl Store {
         Ok(())
     }
 
+    /// Removes a container's row and what hangs off it (its public services), so a
+    /// later container never finds the rows of an earlier one.
     pub fn delete_container(&self, id: &str) -> Result<(), StoreError> {
-        self.conn
-            .execute("DELETE FROM containers WHERE id = ?1", [id])?;
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute("DELETE FROM public_services WHERE container_id = ?1", [id])?;
+        tx.execute("DELETE FROM containers WHERE id = ?1", [id])?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -502,6 +561,130 @@ impl Store {
         Ok(())
     }
 
+    /// Records a new API token of an existing project; `hash` is the SHA-256 (hex) of the
+    /// token, which itself is never stored.
+    pub fn insert_api_token(
+        &self,
+        id: &str,
+        project: &str,
+        name: &str,
+        hash: &str,
+    ) -> Result<ApiTokenRow, StoreError> {
+        self.project(project)?;
+        let t = ApiTokenRow {
+            id: id.to_string(),
+            project: project.to_string(),
+            name: name.to_string(),
+            hash: hash.to_string(),
+            created_at: now(),
+            last_used_at: None,
+            revoked_at: None,
+        };
+        self.conn
+            .execute(
+                "INSERT INTO api_tokens (id, project, name, hash, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![t.id, t.project, t.name, t.hash, t.created_at],
+            )
+            .map_err(|e| conflict(e, &format!("token {id}")))?;
+        Ok(t)
+    }
+
+    /// A project's tokens, revoked ones included, oldest first.
+    pub fn api_tokens(&self, project: &str) -> Result<Vec<ApiTokenRow>, StoreError> {
+        self.project(project)?;
+        let mut st = self
+            .conn
+            .prepare("SELECT * FROM api_tokens WHERE project = ?1 ORDER BY created_at, id")?;
+        let rows = st.query_map([project], row_to_token)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The token with this hash, revoked or not (the caller decides); an indexed lookup,
+    /// cheap enough for every request.
+    pub fn api_token_by_hash(&self, hash: &str) -> Result<Option<ApiTokenRow>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT * FROM api_tokens WHERE hash = ?1")?;
+        Ok(st.query_row([hash], row_to_token).optional()?)
+    }
+
+    /// Revokes a project's token. Revoking one already revoked keeps the first time.
+    pub fn revoke_api_token(&self, project: &str, id: &str) -> Result<ApiTokenRow, StoreError> {
+        self.conn.execute(
+            "UPDATE api_tokens SET revoked_at = ?3
+             WHERE project = ?1 AND id = ?2 AND revoked_at IS NULL",
+            params![project, id, now()],
+        )?;
+        self.conn
+            .query_row(
+                "SELECT * FROM api_tokens WHERE project = ?1 AND id = ?2",
+                [project, id],
+                row_to_token,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("token {id} of project {project}")))
+    }
+
+    /// Notes that a token was just used.
+    pub fn touch_api_token(&self, id: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE api_tokens SET last_used_at = ?2 WHERE id = ?1",
+            params![id, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Opens (`public`) or closes a container's service to requests without
+    /// credentials. Idempotent: opening an open service keeps its first time.
+    pub fn set_public(
+        &self,
+        container_id: &str,
+        service: &str,
+        public: bool,
+    ) -> Result<(), StoreError> {
+        // One transaction, so a container deleted meanwhile leaves no row behind.
+        let tx = self.conn.unchecked_transaction()?;
+        self.container(container_id)?;
+        if public {
+            tx.execute(
+                "INSERT OR IGNORE INTO public_services (container_id, service, created_at)
+                 VALUES (?1, ?2, ?3)",
+                params![container_id, service, now()],
+            )?;
+        } else {
+            tx.execute(
+                "DELETE FROM public_services WHERE container_id = ?1 AND service = ?2",
+                params![container_id, service],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Whether a container's service is public: a primary-key lookup, made per request.
+    pub fn is_public(&self, container_id: &str, service: &str) -> Result<bool, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT 1 FROM public_services WHERE container_id = ?1 AND service = ?2",
+        )?;
+        Ok(st.exists([container_id, service])?)
+    }
+
+    pub fn public_services(&self, container_id: &str) -> Result<Vec<PublicServiceRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT container_id, service, created_at FROM public_services
+             WHERE container_id = ?1 ORDER BY service",
+        )?;
+        let rows = st.query_map([container_id], |r| {
+            Ok(PublicServiceRow {
+                container_id: r.get(0)?,
+                service: r.get(1)?,
+                created_at: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn used_ips(&self) -> Result<std::collections::HashSet<Ipv4Addr>, StoreError> {
         Ok(self.containers(None)?.into_iter().map(|c| c.ip).collect())
     }
@@ -590,5 +773,69 @@ mod tests {
         ));
         s.delete_container("a1").unwrap();
         s.delete_project("p").unwrap();
+    }
+
+    #[test]
+    fn api_tokens_are_revoked_and_go_with_their_project() {
+        let s = Store::open_in_memory().unwrap();
+        assert!(matches!(
+            s.insert_api_token("t0", "p", "ci", "h0"),
+            Err(StoreError::NotFound(_))
+        ));
+        s.create_project("p").unwrap();
+        s.create_project("q").unwrap();
+        s.insert_api_token("t1", "p", "ci", "h1").unwrap();
+        s.insert_api_token("t2", "q", "ci", "h2").unwrap();
+        assert!(matches!(
+            s.insert_api_token("t3", "p", "dup", "h1"),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(s.api_token_by_hash("h1").unwrap().unwrap().project, "p");
+        assert!(s.api_token_by_hash("nope").unwrap().is_none());
+        s.touch_api_token("t1").unwrap();
+        assert!(s.api_tokens("p").unwrap()[0].last_used_at.is_some());
+
+        // Only the owning project can revoke, and revoking twice keeps the first time.
+        assert!(matches!(
+            s.revoke_api_token("q", "t1"),
+            Err(StoreError::NotFound(_))
+        ));
+        let first = s.revoke_api_token("p", "t1").unwrap().revoked_at.unwrap();
+        let again = s.revoke_api_token("p", "t1").unwrap().revoked_at.unwrap();
+        assert_eq!(first, again);
+        assert!(s
+            .api_token_by_hash("h1")
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_some());
+
+        s.delete_project("q").unwrap();
+        assert!(s.api_token_by_hash("h2").unwrap().is_none());
+        s.create_project("q").unwrap();
+        assert!(s.api_tokens("q").unwrap().is_empty());
+    }
+
+    #[test]
+    fn public_services_go_with_their_container() {
+        let s = Store::open_in_memory().unwrap();
+        s.create_project("p").unwrap();
+        assert!(matches!(
+            s.set_public("a1", "files-1", true),
+            Err(StoreError::NotFound(_))
+        ));
+        s.insert_container(&row("a1", "web", [10, 88, 0, 2], 1))
+            .unwrap();
+        s.set_public("a1", "files-1", true).unwrap();
+        s.set_public("a1", "files-1", true).unwrap();
+        s.set_public("a1", "http-8000", true).unwrap();
+        assert!(s.is_public("a1", "files-1").unwrap());
+        assert!(!s.is_public("a1", "files-2").unwrap());
+        assert_eq!(s.public_services("a1").unwrap().len(), 2);
+        s.set_public("a1", "files-1", false).unwrap();
+        assert!(!s.is_public("a1", "files-1").unwrap());
+        s.delete_container("a1").unwrap();
+        assert!(s.public_services("a1").unwrap().is_empty());
+        assert!(!s.is_public("a1", "http-8000").unwrap());
     }
 }

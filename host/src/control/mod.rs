@@ -3,6 +3,7 @@
 //! every connection, not just by file mode). The CLI speaks it; the HTTPS front door will
 //! serve the same routes.
 
+mod auth_routes;
 pub mod client;
 mod routes;
 

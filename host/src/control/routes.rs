@@ -48,11 +48,12 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/v1/containers/{id}/copy", post(copy_container))
         .route("/api/v1/containers/{id}/agent", get(agent_upgrade))
         .route("/api/v1/containers/{id}/{operation}", post(operation))
+        .merge(super::auth_routes::router(node.clone()))
         .with_state(node)
 }
 
 /// Errors in the shape `{statusCode, error, message}`.
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub(super) StatusCode, pub(super) String);
 
 impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> Self {
@@ -84,15 +85,15 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub(super) type ApiResult = Result<Response, ApiError>;
 
 /// Success in the shape `{statusCode, message, data}`.
-fn ok(code: StatusCode, message: &str, data: Value) -> ApiResult {
+pub(super) fn ok(code: StatusCode, message: &str, data: Value) -> ApiResult {
     let body = json!({ "statusCode": code.as_u16(), "message": message, "data": data });
     Ok((code, Json(body)).into_response())
 }
 
-fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ApiError> {
+pub(super) fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ApiError> {
     serde_json::to_value(v).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 

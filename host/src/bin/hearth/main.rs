@@ -4,6 +4,7 @@
 //! and `hearth bench agent` measures the agent against this machine's own floors.
 
 mod agent_cmd;
+mod authcmd;
 mod images;
 mod nodecmd;
 mod session;
@@ -52,6 +53,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: nodecmd::SnapshotCmd,
     },
+    /// Project API tokens for the HTTPS front door: create, list, revoke.
+    Tokens {
+        #[command(subcommand)]
+        cmd: authcmd::TokenCmd,
+    },
+    /// Print a signed, expiring link to one service of a container.
+    Share(authcmd::ShareArgs),
+    /// Open a container's service to everyone (`--off` closes it again).
+    Public(authcmd::PublicArgs),
     /// Templates containers are made from.
     Image {
         #[command(subcommand)]
@@ -249,6 +259,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Projects { cmd } => nodecmd::projects(&ctl, cmd, json).await,
         Cmd::Containers { cmd } => nodecmd::containers(&ctl, cmd, json).await,
         Cmd::Snapshots { cmd } => nodecmd::snapshots(&ctl, cmd, json).await,
+        Cmd::Tokens { cmd } => authcmd::tokens(&ctl, cmd, json).await,
+        Cmd::Share(a) => authcmd::share(&ctl, a, json).await,
+        Cmd::Public(a) => authcmd::public(&ctl, a, json).await,
         Cmd::Image { cmd } => {
             tokio::task::spawn_blocking(move || images::run(&cfg, cmd, json)).await?
         }
