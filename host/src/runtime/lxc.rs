@@ -226,15 +226,17 @@ impl Runtime for LxcRuntime {
             path: self.lxcpath.display().to_string(),
             source,
         })?;
+        // Only definitions under this lxcpath. Cgroups are no guide: `lxc.payload.h-*`
+        // names are machine-wide and say nothing of which node (a dev node, an
+        // end-to-end test's node) a guest belongs to, so "unknown" ones found there
+        // were another node's live guests. A guest's cgroups go with its definition
+        // (`undefine`).
         let mut names: Vec<String> = rd
             .filter_map(|e| e.ok())
             .filter(|e| e.path().join("config").exists())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        // Containers whose cgroups outlived them (see `cgroup_dirs`).
-        names.extend(cgroup_names());
         names.sort();
-        names.dedup();
         Ok(names)
     }
 }
@@ -258,31 +260,6 @@ pub fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
             // Symlinked hierarchies (cpu -> cpu,cpuacct) would be visited twice.
             if d.is_dir() && !root.is_symlink() {
                 out.push(d);
-            }
-        }
-    }
-    out
-}
-
-/// Container names that have a `lxc.payload.*` or `lxc.monitor.*` cgroup anywhere.
-fn cgroup_names() -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") else {
-        return out;
-    };
-    let mut roots: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
-    roots.push("/sys/fs/cgroup".into());
-    for root in roots {
-        let Ok(rd) = std::fs::read_dir(&root) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if let Some(name) = n
-                .strip_prefix("lxc.payload.")
-                .or_else(|| n.strip_prefix("lxc.monitor."))
-            {
-                out.push(name.to_string());
             }
         }
     }
