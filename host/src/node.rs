@@ -68,7 +68,7 @@ enum Source {
     Path(PathBuf),
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct CopyRequest {
     pub name: String,
     /// Defaults to the source's project.
@@ -77,7 +77,7 @@ pub struct CopyRequest {
     pub source_snapshot: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct SnapshotRequest {
     pub alias: Option<String>,
     /// Days until the snapshot is swept (1-3650).
@@ -88,7 +88,7 @@ pub struct SnapshotRequest {
     pub quiesce: Option<bool>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct CreateRequest {
     pub name: String,
     pub image: Option<String>,
@@ -101,7 +101,7 @@ pub struct CreateRequest {
 }
 
 /// What `PUT /containers/{id}` may change on an existing container.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct UpdateRequest {
     /// New rootfs size cap in GiB, applied at once, also to a running guest.
     pub disk_gb: Option<u64>,

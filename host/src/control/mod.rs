@@ -5,6 +5,9 @@
 
 mod auth_routes;
 pub mod client;
+pub mod exec;
+pub mod files;
+pub mod guest;
 mod routes;
 
 use crate::node::Node;

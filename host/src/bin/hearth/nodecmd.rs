@@ -5,6 +5,7 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use hearth_host::agents::{AgentClient, ClientOptions};
 use hearth_host::control::client::{ControlClient, ControlDialer};
+use hearth_host::control::exec::auto_snapshot_alias;
 use hearth_protocol::exec::{ExecRequest, StdioMode};
 use hearth_protocol::files::WriteOptions;
 use hyper::Method;
@@ -470,18 +471,16 @@ pub async fn containers(ctl: &ControlClient, cmd: ContainerCmd, json: bool) -> a
         } => {
             let id = resolve(ctl, &id).await?;
             if snapshot_before {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis());
+                let alias = auto_snapshot_alias(time::OffsetDateTime::now_utc());
                 let v = ctl
                     .call(
                         Method::POST,
                         &format!("/api/v1/containers/{id}/snapshots"),
-                        Some(json!({ "alias": format!("auto-{now}") })),
+                        Some(json!({ "alias": alias })),
                     )
                     .await?;
                 eprintln!(
-                    "snapshot {} (auto-{now}) taken; undo with: hearth snapshots restore {id} {}",
+                    "snapshot {} ({alias}) taken; undo with: hearth snapshots restore {id} {}",
                     s(&v["snapshot"], "name"),
                     s(&v["snapshot"], "name")
                 );
