@@ -94,15 +94,64 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     });
+    let front = front_door(&node).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = hearth_host::control::serve(node, &socket) => r,
+        r = front => r,
         _ = term.recv() => {
             tracing::info!("SIGTERM: exiting (guests keep running)");
             Ok(())
         }
         _ = tokio::signal::ctrl_c() => Ok(()),
     }
+}
+
+/// The HTTPS front door: certificates (generated on first start, or the operator's,
+/// reloaded when they change), then the listener.
+async fn front_door(
+    node: &Arc<Node>,
+) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
+    use hearth_host::tls::{NodeTls, OperatorCert, TlsConfig};
+    let p = &node.cfg.proxy;
+    let operator = match (&p.cert, &p.key) {
+        (Some(cert), Some(key)) => Some(OperatorCert {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (None, None) => None,
+        _ => anyhow::bail!("[proxy] needs both cert and key, or neither"),
+    };
+    let tls_cfg = TlsConfig {
+        node: p.node.clone(),
+        domain: p.domain.clone(),
+        dir: node.cfg.tls_dir(),
+        operator,
+    };
+    let tls = tokio::task::spawn_blocking(move || NodeTls::open(tls_cfg))
+        .await?
+        .context("TLS certificates")?;
+    // Detached (dropping a tokio JoinHandle does not stop the task): it polls the
+    // operator's files and renews the generated certificate when due.
+    drop(tls.spawn_reload_on_change(std::time::Duration::from_secs(5)));
+    let auth = Arc::new(hearth_host::auth::Authorizer::new(&node.cfg, node.clone()));
+    auth.load_key().context("the capability link key")?;
+    let listener = tokio::net::TcpListener::bind(p.listen)
+        .await
+        .with_context(|| format!("bind the HTTPS listener on {}", p.listen))?;
+    tracing::info!(
+        "HTTPS on {} for *.{}.{} (CA {})",
+        p.listen,
+        p.node,
+        p.domain,
+        tls.ca_path().display()
+    );
+    let proxy = hearth_host::proxy::server::Proxy::new(
+        node.clone(),
+        auth,
+        hearth_host::control::api_router(node.clone()),
+    );
+    Ok(proxy.serve(listener, tls.server_config()))
 }
 
 /// One daemon per state directory: two would each "reconcile" the other's work away.

@@ -3,6 +3,7 @@
 //! every connection, not just by file mode). The CLI speaks it; the HTTPS front door will
 //! serve the same routes.
 
+mod access_routes;
 mod auth_routes;
 pub mod client;
 pub mod exec;
@@ -19,6 +20,12 @@ use tokio::net::UnixListener;
 /// The upgrade token for a proxied agent connection.
 pub const AGENT_UPGRADE: &str = "hearth-agent";
 
+/// Every route of the REST API: the control socket serves it to root, the HTTPS front
+/// door to project tokens (narrowed to their project).
+pub fn api_router(node: Arc<Node>) -> axum::Router {
+    routes::router(node.clone()).merge(access_routes::router(node))
+}
+
 /// Serves the control API on `path` until the task is dropped.
 pub async fn serve(node: Arc<Node>, path: &Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
@@ -28,7 +35,7 @@ pub async fn serve(node: Arc<Node>, path: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let app = routes::router(node);
+    let app = api_router(node);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
