@@ -397,6 +397,38 @@ fn https_front_door_end_to_end() {
     );
     assert_eq!(code, 200, "restore over HTTPS: {v}");
     let (code, v) = front.api(
+        "POST",
+        &format!("/api/v1/containers/{api_id}/exec"),
+        &token,
+        Some(r#"{"command":"echo over-https; echo err >&2; exit 3"}"#),
+    );
+    assert_eq!(code, 200, "exec over HTTPS: {v}");
+    assert_eq!(
+        (s(&v["data"], "stdout"), s(&v["data"], "stderr")),
+        ("over-https\n".to_string(), "err\n".to_string()),
+        "{v}"
+    );
+    assert_eq!(v["data"]["exit_code"], 3, "{v}");
+    let payload = node.dir.join("payload.txt");
+    std::fs::write(&payload, "file over https\n").unwrap();
+    let auth = format!("Authorization: Bearer {token}");
+    let files = front.url(
+        "api",
+        &format!("/api/v1/containers/{api_id}/files?path=/root/p.txt"),
+    );
+    let upload = format!("@{}", payload.display());
+    let a = front.curl(
+        &files,
+        &["-X", "PUT", "-H", &auth, "--data-binary", &upload],
+    );
+    assert!(
+        a.status == 200 || a.status == 201,
+        "put a file over HTTPS: {}",
+        a.body
+    );
+    let a = front.curl(&files, &["-H", &auth]);
+    assert_eq!((a.status, a.body.as_str()), (200, "file over https\n"));
+    let (code, v) = front.api(
         "DELETE",
         &format!("/api/v1/containers/{api_id}"),
         &token,
