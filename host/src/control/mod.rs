@@ -3,7 +3,6 @@
 //! every connection, not just by file mode). The CLI speaks it; the HTTPS front door will
 //! serve the same routes.
 
-mod access_routes;
 mod auth_routes;
 pub mod client;
 pub mod exec;
@@ -23,7 +22,7 @@ pub const AGENT_UPGRADE: &str = "hearth-agent";
 /// Every route of the REST API: the control socket serves it to root, the HTTPS front
 /// door to project tokens (narrowed to their project).
 pub fn api_router(node: Arc<Node>) -> axum::Router {
-    routes::router(node.clone()).merge(access_routes::router(node))
+    routes::router(node)
 }
 
 /// Serves the control API on `path` until the task is dropped.

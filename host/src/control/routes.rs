@@ -61,6 +61,7 @@ fn api() -> OpenApiRouter<Arc<Node>> {
         .routes(routes!(list_containers))
         .routes(routes!(get_container, update_container, delete_container))
         .routes(routes!(container_info))
+        .routes(routes!(access_log))
         .routes(routes!(list_snapshots, create_snapshot))
         .routes(routes!(restore_snapshot, delete_snapshot))
         .routes(routes!(alias_snapshot))
@@ -822,6 +823,35 @@ async fn container_info(State(node): Node_, Path(id): Path<String>) -> ApiResult
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("agent: {e}")))?;
     ok(StatusCode::OK, "info", info)
+}
+
+#[derive(Deserialize, IntoParams)]
+struct AccessLogQuery {
+    /// How many of the newest entries (default 100, at most 1000).
+    limit: Option<usize>,
+}
+
+/// The HTTPS front door's recent requests to this container, oldest first: time,
+/// method, host, path, status, bytes, duration, client, service.
+#[utoipa::path(get, path = "/api/v1/containers/{id}/access-log", tag = "containers",
+    params(("id" = String, Path), AccessLogQuery),
+    responses((status = 200, body = Envelope<Value>), Errors))]
+async fn access_log(
+    State(node): Node_,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<AccessLogQuery>,
+) -> ApiResult {
+    let c = node.get(&id)?;
+    let limit = q
+        .limit
+        .unwrap_or(100)
+        .min(crate::proxy::access_log::PER_CONTAINER);
+    let entries = node.access_log.recent(&c.id, limit);
+    ok(
+        StatusCode::OK,
+        "access log",
+        serde_json::json!({ "container_id": c.id, "entries": entries }),
+    )
 }
 
 /// Runs a command to completion in a running container. Stdout and stderr are kept up
