@@ -10,12 +10,13 @@ use crate::node::Node;
 use crate::store::ContainerRow;
 use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// How long a link lasts when the request does not say.
 const DEFAULT_TTL: Duration = Duration::from_secs(3600);
@@ -38,22 +39,22 @@ impl From<AuthError> for ApiError {
 /// `with_state`; it carries its own.
 pub fn router<S: Clone + Send + Sync + 'static>(node: Arc<Node>) -> Router<S> {
     let auth = Arc::new(Authorizer::new(&node.cfg, node.clone()));
-    Router::new()
-        .route(
-            "/api/v1/projects/{project}/tokens",
-            get(list_tokens).post(create_token),
-        )
-        .route(
-            "/api/v1/projects/{project}/tokens/{id}",
-            axum::routing::delete(revoke_token),
-        )
-        .route("/api/v1/containers/{id}/share", post(share))
-        .route("/api/v1/containers/{id}/public", get(list_public))
-        .route(
-            "/api/v1/containers/{id}/public/{service}",
-            put(make_public).delete(make_private),
-        )
-        .with_state(AuthState { node, auth })
+    let (routes, _) = api().split_for_parts();
+    routes.with_state(AuthState { node, auth })
+}
+
+/// The OpenAPI description of these routes, merged into the node API's document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
+}
+
+fn api() -> OpenApiRouter<AuthState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+        .routes(routes!(share))
+        .routes(routes!(list_public))
+        .routes(routes!(make_public, make_private))
 }
 
 /// 403 when a project token reaches for another project.
@@ -78,6 +79,10 @@ struct NewToken {
     name: String,
 }
 
+/// A project API token (`Authorization: Bearer`); the token is in this answer only.
+#[utoipa::path(post, path = "/api/v1/projects/{project}/tokens", tag = "access",
+    params(("project" = String, Path)), request_body = Object,
+    responses((status = 201, body = Object, description = "`data`: id, project, name, token, created_at")))]
 async fn create_token(
     State(st): State<AuthState>,
     principal: Principal,
@@ -93,6 +98,10 @@ async fn create_token(
     )
 }
 
+/// A project's tokens, without the tokens themselves.
+#[utoipa::path(get, path = "/api/v1/projects/{project}/tokens", tag = "access",
+    params(("project" = String, Path)),
+    responses((status = 200, body = Object)))]
 async fn list_tokens(
     State(st): State<AuthState>,
     principal: Principal,
@@ -107,6 +116,10 @@ async fn list_tokens(
     )
 }
 
+/// Revokes a token; it stops working at once.
+#[utoipa::path(delete, path = "/api/v1/projects/{project}/tokens/{id}", tag = "access",
+    params(("project" = String, Path), ("id" = String, Path)),
+    responses((status = 200, body = Object)))]
 async fn revoke_token(
     State(st): State<AuthState>,
     principal: Principal,
@@ -136,6 +149,10 @@ struct ShareRequest {
     ttl: Option<Ttl>,
 }
 
+/// A signed, expiring link to one service (`{service, ttl}`, ttl as `"1h"` or seconds).
+#[utoipa::path(post, path = "/api/v1/containers/{id}/share", tag = "access",
+    params(("id" = String, Path)), request_body = Object,
+    responses((status = 201, body = Object, description = "`data`: url, expires_at")))]
 async fn share(
     State(st): State<AuthState>,
     principal: Principal,
@@ -167,6 +184,10 @@ fn public_url(st: &AuthState, c: &ContainerRow, service: &str) -> String {
         .url_for(&format!("{}-{}-{service}", c.project, c.name))
 }
 
+/// The container's services open to everyone.
+#[utoipa::path(get, path = "/api/v1/containers/{id}/public", tag = "access",
+    params(("id" = String, Path)),
+    responses((status = 200, body = Object)))]
 async fn list_public(
     State(st): State<AuthState>,
     principal: Principal,
@@ -188,6 +209,10 @@ async fn list_public(
     )
 }
 
+/// Opens one service (`files-1`, `http-8000`) to everyone.
+#[utoipa::path(put, path = "/api/v1/containers/{id}/public/{service}", tag = "access",
+    params(("id" = String, Path), ("service" = String, Path)),
+    responses((status = 200, body = Object)))]
 async fn make_public(
     State(st): State<AuthState>,
     principal: Principal,
@@ -205,6 +230,10 @@ async fn make_public(
     )
 }
 
+/// Closes a service again.
+#[utoipa::path(delete, path = "/api/v1/containers/{id}/public/{service}", tag = "access",
+    params(("id" = String, Path), ("service" = String, Path)),
+    responses((status = 200, body = Object)))]
 async fn make_private(
     State(st): State<AuthState>,
     principal: Principal,
