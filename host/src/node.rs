@@ -20,6 +20,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The state of a snapshot while a container is being restored from it: the restore's
+/// intent, written before the guest is touched (see [`Node::restore`]).
+const RESTORING: &str = "restoring";
+
 /// How long a started guest gets to answer on its agent socket.
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a guest's databases may stay frozen for a snapshot before the agent thaws
@@ -734,8 +738,24 @@ impl Node {
 
     /// Stops the guest if it runs, swaps its rootfs for a writable copy of the snapshot
     /// (one atomic rename), and starts it again if it was running.
+    ///
+    /// The snapshot is marked [`RESTORING`] before anything happens to the guest. That
+    /// record is what makes a crash safe: liblxc's kill is asynchronous, and LXC reports
+    /// a killed guest RUNNING until its init has been reaped (~90 ms with a booted
+    /// systemd), so a daemon restarted in between would otherwise take the dying guest
+    /// for a healthy one and keep it recorded running. [`Node::reconcile`] finishes a
+    /// restore it finds marked.
     pub async fn restore(&self, key: &str, snap: &str) -> Result<ContainerRow, NodeError> {
         let c = self.get(key)?;
+        let lock = self.lock_for(&c.id);
+        let _guard = lock.lock().await;
+        let c = self.get(&c.id)?;
+        if matches!(c.state, State::Creating | State::Deleting) {
+            return Err(NodeError::Conflict(format!(
+                "container is {}",
+                c.state.as_str()
+            )));
+        }
         let s = self.store().snapshot(&c.id, snap)?;
         if s.state != "ready" {
             return Err(NodeError::Conflict(format!(
@@ -743,14 +763,33 @@ impl Node {
                 s.name, s.state
             )));
         }
-        let lock = self.lock_for(&c.id);
-        let _guard = lock.lock().await;
-        let c = self.get(&c.id)?;
-        let was_running = c.state == State::Running;
+        self.store().set_snapshot_state(&c.id, &s.name, RESTORING)?;
+        let result = self.restore_locked(&c, &s.name).await;
+        if let Err(e) = &result {
+            tracing::warn!("restore of {} from {} failed: {e}", c.id, s.name);
+            // Whatever rootfs is in place stays; a half-made copy goes.
+            let pool = self.pool.clone();
+            let id = c.id.clone();
+            if let Err(r) = blocking(move || pool.recover_container(&id).map_err(internal)).await {
+                tracing::warn!("cleaning up after the restore of {}: {r}", c.id);
+            }
+            if c.state == State::Running {
+                // Killed, and not booted again: say so rather than "running".
+                let msg = format!("restore failed: {e}");
+                self.store().set_state(&c.id, State::Failed, Some(&msg))?;
+            }
+        }
+        self.store().set_snapshot_state(&c.id, &s.name, "ready")?;
+        result?;
+        self.get(&c.id)
+    }
+
+    /// The restore itself, under the container's lock and the snapshot's mark.
+    async fn restore_locked(&self, c: &ContainerRow, snap: &str) -> Result<(), NodeError> {
         let runtime = self.runtime.clone();
         let pool = self.pool.clone();
         let lxc = Self::lxc_name(&c.id);
-        let (id, name) = (c.id.clone(), s.name.clone());
+        let (id, name) = (c.id.clone(), snap.to_string());
         let disk_bytes = c.disk_bytes;
         // Killed, not shut down: its file system is about to be replaced, so nothing a
         // clean shutdown would write can matter (and it costs ~200 ms).
@@ -762,13 +801,45 @@ impl Node {
         })
         .await?;
         self.forget_agent(&c.id);
-        if was_running {
-            self.boot(&c).await?;
+        if c.state == State::Running {
+            self.boot(c).await?;
             self.store().set_state(&c.id, State::Running, None)?;
         } else {
             self.store().set_state(&c.id, State::Stopped, None)?;
         }
-        self.get(&c.id)
+        Ok(())
+    }
+
+    /// Finishes a restore that a crash cut off, from wherever it stopped: the guest is
+    /// killed (again: a kill sent before the crash may still be in flight), the rootfs
+    /// is whichever the atomic swap left in place (the old state or the restored one),
+    /// its leftover twin goes, the disk cap is set again, and the guest boots if it is
+    /// recorded running. Every step is idempotent, so a crash in here is finished by the
+    /// next start the same way.
+    async fn finish_restore(&self, c: &ContainerRow) -> Result<(), NodeError> {
+        // A start cut off by the crash is let finish first, so the kill is not lost on
+        // a guest still coming up.
+        self.settled_state(&c.id).await?;
+        let runtime = self.runtime.clone();
+        let pool = self.pool.clone();
+        let lxc = Self::lxc_name(&c.id);
+        let id = c.id.clone();
+        let disk_bytes = c.disk_bytes;
+        blocking(move || {
+            runtime.kill(&lxc).map_err(internal)?;
+            pool.recover_container(&id).map_err(internal)?;
+            apply_quota(&*pool, &id, disk_bytes)
+        })
+        .await?;
+        self.forget_agent(&c.id);
+        if c.state == State::Running {
+            if let Err(e) = self.boot(c).await {
+                let msg = format!("restore interrupted, then boot failed: {e}");
+                self.store().set_state(&c.id, State::Failed, Some(&msg))?;
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// A new container from a snapshot (branch) or from a container's current state
@@ -847,6 +918,32 @@ impl Node {
     /// Brings the store and the machine into agreement after a start (or a crash).
     pub async fn reconcile(&self) -> Result<Vec<String>, NodeError> {
         let mut report = Vec::new();
+        // Restores cut off by a crash, before anything looks at their guests' state: a
+        // guest killed by the restore may still report RUNNING (see `restore`).
+        let restoring: Vec<_> = self
+            .store()
+            .snapshots(None)?
+            .into_iter()
+            .filter(|s| s.state == RESTORING)
+            .collect();
+        for sn in restoring {
+            let c = self.store().container(&sn.container_id).ok();
+            // A container being created or deleted is purged below, snapshots and all.
+            if let Some(c) = c.filter(|c| !matches!(c.state, State::Creating | State::Deleting)) {
+                match self.finish_restore(&c).await {
+                    Ok(()) => report.push(format!(
+                        "{}: restore from {} was interrupted; finished",
+                        c.id, sn.name
+                    )),
+                    Err(e) => report.push(format!(
+                        "{}: restore from {} was interrupted; finishing it failed: {e}",
+                        c.id, sn.name
+                    )),
+                }
+            }
+            self.store()
+                .set_snapshot_state(&sn.container_id, &sn.name, "ready")?;
+        }
         let rows = self.store().containers(None)?;
         for c in &rows {
             match c.state {
@@ -900,7 +997,8 @@ impl Node {
                 }
             }
         }
-        // Snapshot work that was interrupted, and restores cut off mid-swap.
+        // Snapshot work that was interrupted (restores were finished above), and
+        // restores cut off mid-swap.
         let snaps = self.store().snapshots(None)?;
         for sn in snaps.iter().filter(|s| s.state != "ready") {
             let pool = self.pool.clone();
