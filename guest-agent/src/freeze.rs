@@ -39,12 +39,16 @@ impl Held {
                     let _ = stdin.write_all(release).await;
                     drop(stdin);
                 }
-                if tokio::time::timeout(Duration::from_secs(5), child.wait())
-                    .await
-                    .is_err()
-                {
-                    let _ = child.kill().await;
-                }
+                // The lock goes with the release (or with the session, at the latest);
+                // the client's own exit is not worth making the host wait for.
+                tokio::spawn(async move {
+                    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                        .await
+                        .is_err()
+                    {
+                        let _ = child.kill().await;
+                    }
+                });
             }
             Held::Command(argv) => {
                 if let Some((prog, args)) = argv.split_first() {
