@@ -72,7 +72,63 @@ mod sys {
         }
     }
 
+    /// `struct btrfs_ioctl_ino_lookup_args`.
+    #[repr(C)]
+    pub struct InoLookupArgs {
+        pub treeid: u64,
+        pub objectid: u64,
+        pub name: [u8; 4080],
+    }
+
+    /// `struct btrfs_ioctl_fs_info_args`; only the fields before `fsid` and `fsid` are
+    /// read, the rest is kept as the kernel's padding.
+    #[repr(C)]
+    pub struct FsInfoArgs {
+        pub max_id: u64,
+        pub num_devices: u64,
+        pub fsid: [u8; 16],
+        pub rest: [u8; 992],
+    }
+
+    /// `struct btrfs_ioctl_quota_ctl_args`.
+    #[repr(C)]
+    pub struct QuotaCtlArgs {
+        pub cmd: u64,
+        pub status: u64,
+    }
+
+    /// `struct btrfs_ioctl_qgroup_limit_args` with its `struct btrfs_qgroup_limit`
+    /// inlined.
+    #[repr(C)]
+    pub struct QgroupLimitArgs {
+        pub qgroupid: u64,
+        pub flags: u64,
+        pub max_rfer: u64,
+        pub max_excl: u64,
+        pub rsv_rfer: u64,
+        pub rsv_excl: u64,
+    }
+
+    const _: () = assert!(std::mem::size_of::<InoLookupArgs>() == 4096);
+    const _: () = assert!(std::mem::size_of::<FsInfoArgs>() == 1024);
+    const _: () = assert!(std::mem::size_of::<QuotaCtlArgs>() == 16);
+    const _: () = assert!(std::mem::size_of::<QgroupLimitArgs>() == 48);
+
+    /// BTRFS_QUOTA_CTL_ENABLE: full qgroup accounting (with a rescan of what exists).
+    pub const QUOTA_CTL_ENABLE: u64 = 1;
+    /// BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA (Linux 6.7+).
+    pub const QUOTA_CTL_ENABLE_SIMPLE: u64 = 4;
+    /// BTRFS_QGROUP_LIMIT_MAX_RFER.
+    pub const LIMIT_MAX_RFER: u64 = 1 << 0;
+    /// The value that lifts a limit (the kernel's CLEAR_VALUE).
+    pub const LIMIT_CLEAR: u64 = u64::MAX;
+
     const MAGIC: u8 = 0x94;
+    nix::ioctl_readwrite!(ino_lookup, MAGIC, 18, InoLookupArgs);
+    nix::ioctl_read!(fs_info, MAGIC, 31, FsInfoArgs);
+    nix::ioctl_readwrite!(quota_ctl, MAGIC, 40, QuotaCtlArgs);
+    // The kernel declares it _IOR although it only reads the argument.
+    nix::ioctl_read!(qgroup_limit, MAGIC, 43, QgroupLimitArgs);
     nix::ioctl_write_ptr!(subvol_create, MAGIC, 14, VolArgs);
     nix::ioctl_write_ptr!(snap_destroy, MAGIC, 15, VolArgs);
     nix::ioctl_write_ptr!(snap_create_v2, MAGIC, 23, VolArgsV2);
@@ -280,6 +336,94 @@ fn get_flags(path: &Path) -> Result<u64> {
     unsafe { sys::subvol_getflags(dir.as_raw_fd(), &mut flags) }
         .map_err(sys_err("get flags of", path))?;
     Ok(flags)
+}
+
+/// The id of the subvolume `path` is the root of (its tree id, which is also the id of
+/// its level-0 qgroup).
+pub fn subvolume_id(path: &Path) -> Result<u64> {
+    let dir = open_dir(path, "look up the subvolume id of")?;
+    let mut args = Box::new(sys::InoLookupArgs {
+        treeid: 0,
+        objectid: SUBVOLUME_ROOT_INO,
+        name: [0; 4080],
+    });
+    // SAFETY: `dir` is an open directory and `args` a live, correctly sized
+    // btrfs_ioctl_ino_lookup_args; treeid 0 asks for the subvolume of `dir`.
+    unsafe { sys::ino_lookup(dir.as_raw_fd(), &mut *args) }
+        .map_err(sys_err("look up the subvolume id of", path))?;
+    Ok(args.treeid)
+}
+
+/// The UUID of the btrfs file system holding `path`, as sysfs names it
+/// (`/sys/fs/btrfs/<uuid>`).
+pub fn fs_uuid(path: &Path) -> Result<String> {
+    let dir = open_dir(path, "get file system info of")?;
+    let mut args = Box::new(sys::FsInfoArgs {
+        max_id: 0,
+        num_devices: 0,
+        fsid: [0; 16],
+        rest: [0; 992],
+    });
+    // SAFETY: `dir` is an open directory and `args` a live, zeroed (no flags asked for)
+    // btrfs_ioctl_fs_info_args of the size the kernel writes.
+    unsafe { sys::fs_info(dir.as_raw_fd(), &mut *args) }
+        .map_err(sys_err("get file system info of", path))?;
+    let h: String = args.fsid.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    ))
+}
+
+/// Which quota accounting to switch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaKind {
+    /// Simple quotas: an extent is charged to the subvolume that wrote it, at no cost
+    /// beyond a counter update (Linux 6.7+).
+    Simple,
+    /// Full qgroups: exact referenced/exclusive figures, paid for by back-reference
+    /// walks on every commit.
+    Full,
+}
+
+/// Switches quotas on for the file system holding `path`. Does nothing if they are on
+/// already, in whatever mode. Fails with EINVAL for simple quotas on kernels without
+/// them.
+pub fn enable_quota(path: &Path, kind: QuotaKind) -> Result<()> {
+    let dir = open_dir(path, "enable quotas on")?;
+    let mut args = sys::QuotaCtlArgs {
+        cmd: match kind {
+            QuotaKind::Simple => sys::QUOTA_CTL_ENABLE_SIMPLE,
+            QuotaKind::Full => sys::QUOTA_CTL_ENABLE,
+        },
+        status: 0,
+    };
+    // SAFETY: `dir` is an open directory and `args` a live btrfs_ioctl_quota_ctl_args.
+    unsafe { sys::quota_ctl(dir.as_raw_fd(), &mut args) }
+        .map(drop)
+        .map_err(sys_err("enable quotas on", path))
+}
+
+/// Caps the referenced bytes of subvolume `path`'s own qgroup; `None` lifts the cap.
+pub fn set_qgroup_limit(path: &Path, max_referenced: Option<u64>) -> Result<()> {
+    let dir = open_dir(path, "limit the qgroup of")?;
+    let mut args = sys::QgroupLimitArgs {
+        // 0: the qgroup of the subvolume `dir` is in.
+        qgroupid: 0,
+        flags: sys::LIMIT_MAX_RFER,
+        max_rfer: max_referenced.unwrap_or(sys::LIMIT_CLEAR),
+        max_excl: 0,
+        rsv_rfer: 0,
+        rsv_excl: 0,
+    };
+    // SAFETY: `dir` is an open directory and `args` a live btrfs_ioctl_qgroup_limit_args.
+    unsafe { sys::qgroup_limit(dir.as_raw_fd(), &mut args) }
+        .map(drop)
+        .map_err(sys_err("limit the qgroup of", path))
 }
 
 pub fn is_btrfs(path: &Path) -> Result<bool> {

@@ -1,8 +1,8 @@
 //! [`Storage`] on btrfs: images are read-only subvolumes, a container's rootfs is a
 //! writable snapshot of one, so creating a container copies nothing.
 
-use super::btrfs;
-use super::config::{PoolConfig, PoolKind};
+use super::btrfs::{self, QuotaKind};
+use super::config::{PoolConfig, PoolKind, QuotaMode};
 use super::loopfile;
 use super::names::{is_valid, validate};
 use super::{DiskUsage, ImageEntry, PoolError, Storage, StorageInfo};
@@ -27,8 +27,10 @@ pub struct BtrfsPool {
     /// A lock on each pending image this process is filling, so another process that
     /// opens the pool meanwhile does not take it for the leftover of a crash.
     pending: Mutex<HashMap<PathBuf, Flock<File>>>,
-    /// Whether btrfs quotas (qgroups) could be enabled, so per-container limits hold.
-    quotas: bool,
+    /// `Some` when quotas are on, so per-container limits hold: the file system's
+    /// `/sys/fs/btrfs/<uuid>/qgroups`, where every qgroup's usage and limit can be read
+    /// as the kernel enforces them, without a command or a tree search.
+    quotas: Option<PathBuf>,
 }
 
 impl BtrfsPool {
@@ -36,6 +38,7 @@ impl BtrfsPool {
     /// what an interrupted image build left behind.
     pub fn open(cfg: &PoolConfig) -> Result<BtrfsPool, PoolError> {
         cfg.validate().map_err(PoolError::Config)?;
+        let owned = matches!(cfg.kind, PoolKind::LoopFile { .. });
         let root = match &cfg.kind {
             PoolKind::LoopFile {
                 file,
@@ -60,7 +63,7 @@ impl BtrfsPool {
         make_dir(&images, 0o700)?;
         make_dir(&containers, 0o711)?;
         make_dir(&root.join("snapshots"), 0o700)?;
-        let quotas = quotas_enabled(&root);
+        let quotas = setup_quotas(&root, cfg.quotas, owned)?;
         let pool = BtrfsPool {
             root,
             images,
@@ -127,7 +130,7 @@ impl Storage for BtrfsPool {
         StorageInfo {
             driver: "btrfs",
             instant_snapshots: true,
-            quotas: self.quotas,
+            quotas: self.quotas.is_some(),
         }
     }
 
@@ -410,48 +413,156 @@ impl Storage for BtrfsPool {
 
     fn set_quota(&self, id: &str, bytes: Option<u64>) -> Result<(), PoolError> {
         validate("container id", id)?;
-        if !self.quotas {
+        if self.quotas.is_none() {
             return Err(PoolError::Unsupported("disk quotas"));
         }
         let rootfs = self.rootfs(id);
         btrfs::require_subvolume(&rootfs)?;
-        let limit = bytes.map_or_else(|| "none".to_string(), |b| b.to_string());
-        // Limits the subvolume's own qgroup (0/<subvolid>) on referenced bytes.
-        btrfs_cmd(&["qgroup", "limit", &limit], &rootfs)?;
+        // The subvolume's own qgroup (0/<subvolume id>), on referenced bytes: the one
+        // figure both accounting modes keep meaningful (simple quotas count referenced
+        // and exclusive alike).
+        btrfs::set_qgroup_limit(&rootfs, bytes)?;
         Ok(())
     }
 
     fn usage(&self, id: &str) -> Result<DiskUsage, PoolError> {
         validate("container id", id)?;
-        if !self.quotas {
+        let Some(qgroups) = &self.quotas else {
             return Err(PoolError::Unsupported("disk quotas"));
-        }
+        };
         let rootfs = self.rootfs(id);
         btrfs::require_subvolume(&rootfs)?;
-        // `-f`: only the qgroup of the path itself (no parents or siblings).
-        let out = btrfs_cmd(&["qgroup", "show", "--raw", "-r", "-f"], &rootfs)?;
-        parse_qgroup_show(&out)
+        let dir = qgroups.join(format!("0_{}", btrfs::subvolume_id(&rootfs)?));
+        read_qgroup(&dir)
     }
 }
 
-/// Whether btrfs quotas (qgroups) are on for the pool's file system, and if so drops
-/// qgroups left by deleted subvolumes on kernels that do not remove them themselves.
-///
-/// Quotas are not switched on here (yet): with them on, the end-to-end test's "hearthd
-/// killed during a restore" step leaves the guest dead while recorded running most of
-/// the time (a boot interrupted by hearthd's death; quotas only shift the timing). Until
-/// that is fixed an operator opts in with `btrfs quota enable <pool>`.
-fn quotas_enabled(root: &Path) -> bool {
-    if let Err(e) = btrfs_cmd(&["qgroup", "show"], root) {
-        tracing::info!("btrfs quotas off on {}: {e}", root.display());
-        return false;
+/// Brings the pool's quota accounting to what `mode` asks for (see
+/// [`QuotaMode`]); `owned` is true for a loop-file pool, whose file system is hearth's
+/// alone. Returns the sysfs `qgroups` directory when quotas are on, `None` when
+/// containers go unlimited.
+fn setup_quotas(root: &Path, mode: QuotaMode, owned: bool) -> Result<Option<PathBuf>, PoolError> {
+    if mode == QuotaMode::Off {
+        tracing::info!("disk quotas off by configuration (pool.quotas = \"off\")");
+        return Ok(None);
     }
-    // Fails (EBUSY) for subvolumes the cleaner has not finished dropping; those go on a
-    // later open, or by themselves on kernels that remove a dropped subvolume's qgroup.
+    let sysfs = PathBuf::from("/sys/fs/btrfs")
+        .join(btrfs::fs_uuid(root)?)
+        .join("qgroups");
+    if let Some(kind) = quota_kind(&sysfs)? {
+        let asked = match mode {
+            QuotaMode::Simple => Some(QuotaKind::Simple),
+            QuotaMode::Full => Some(QuotaKind::Full),
+            _ => None,
+        };
+        if asked.is_some_and(|a| a != kind) {
+            // Switching modes means disabling quotas, which drops every limit.
+            tracing::warn!(
+                "{} already has {kind:?} quotas; keeping them (pool.quotas asks for {asked:?})",
+                root.display()
+            );
+        }
+        clear_stale_qgroups(root);
+        tracing::info!("disk quotas: btrfs {kind:?} quotas on {}", root.display());
+        return Ok(Some(sysfs));
+    }
+    let wanted = match mode {
+        QuotaMode::Auto if !owned => {
+            tracing::info!(
+                "disk quotas off: {} has none and is not hearth's own file system \
+                 (set pool.quotas = \"simple\" to switch them on)",
+                root.display()
+            );
+            return Ok(None);
+        }
+        QuotaMode::Full => QuotaKind::Full,
+        _ => QuotaKind::Simple,
+    };
+    let mut result = btrfs::enable_quota(root, wanted);
+    if let Err(e) = &result {
+        if mode == QuotaMode::Auto && e.errno() == Some(Errno::EINVAL) {
+            // Kernels before 6.7 know only full qgroups: slower creates, but limits hold.
+            tracing::warn!(
+                "this kernel has no btrfs simple quotas ({e}); using full qgroups, which \
+                 cost some speed on every commit"
+            );
+            result = btrfs::enable_quota(root, QuotaKind::Full);
+        }
+    }
+    if let Err(e) = result {
+        if mode == QuotaMode::Auto {
+            // Unlimited containers rather than none at all.
+            tracing::warn!("disk quotas off: could not switch them on: {e}");
+            return Ok(None);
+        }
+        return Err(e.into());
+    }
+    let Some(kind) = quota_kind(&sysfs)? else {
+        return Err(PoolError::BadOutput {
+            program: "btrfs quota enable".into(),
+            detail: format!("quotas still off ({} missing)", sysfs.display()),
+        });
+    };
+    tracing::info!(
+        "disk quotas: switched on btrfs {kind:?} quotas on {}",
+        root.display()
+    );
+    Ok(Some(sysfs))
+}
+
+/// The quota mode of a file system from its sysfs `qgroups` directory, which exists
+/// only while quotas are on. Kernels before 6.7 have no `mode` file and only full
+/// qgroups.
+fn quota_kind(sysfs: &Path) -> Result<Option<QuotaKind>, PoolError> {
+    if !sysfs.is_dir() {
+        return Ok(None);
+    }
+    let path = sysfs.join("mode");
+    match std::fs::read_to_string(&path) {
+        Ok(m) => match m.trim() {
+            "squota" => Ok(Some(QuotaKind::Simple)),
+            "qgroup" => Ok(Some(QuotaKind::Full)),
+            other => Err(PoolError::BadOutput {
+                program: path.display().to_string(),
+                detail: format!("unknown quota mode {other:?}"),
+            }),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some(QuotaKind::Full)),
+        Err(e) => Err(PoolError::io("read", &path)(e)),
+    }
+}
+
+/// Drops qgroups left by deleted subvolumes. Kernels since 6.7 remove a dropped
+/// subvolume's qgroup themselves when it is empty; one that still had usage (simple
+/// quotas charge extents that a snapshot keeps alive to the subvolume that wrote them)
+/// stays until this finds it empty.
+fn clear_stale_qgroups(root: &Path) {
+    // Fails (EBUSY) for qgroups still in use; those go on a later open.
     if let Err(e) = btrfs_cmd(&["qgroup", "clear-stale"], root) {
         tracing::debug!("btrfs qgroup clear-stale {}: {e}", root.display());
     }
-    true
+}
+
+/// Usage and limit of one qgroup from its sysfs directory (`qgroups/0_<id>`).
+fn read_qgroup(dir: &Path) -> Result<DiskUsage, PoolError> {
+    let read = |name: &str| -> Result<u64, PoolError> {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path).map_err(PoolError::io("read", &path))?;
+        text.trim().parse().map_err(|e| PoolError::BadOutput {
+            program: path.display().to_string(),
+            detail: format!("{text:?}: {e}"),
+        })
+    };
+    // BTRFS_QGROUP_LIMIT_MAX_RFER in the limit flags says whether max_referenced holds.
+    let limited = read("limit_flags")? & 1 != 0;
+    Ok(DiskUsage {
+        used_bytes: read("referenced")?,
+        limit_bytes: if limited {
+            Some(read("max_referenced")?)
+        } else {
+            None
+        },
+    })
 }
 
 /// Runs `btrfs <args> <path>` and returns its standard output.
@@ -478,63 +589,6 @@ fn btrfs_cmd(args: &[&str], path: &Path) -> Result<String, PoolError> {
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Reads the level-0 row of `btrfs qgroup show --raw -r -f` output:
-///
-/// ```text
-/// Qgroupid    Referenced    Exclusive  Max referenced   Path
-/// --------    ----------    ---------  --------------   ----
-/// 0/257        196608000        16384      1073741824   containers/x/rootfs
-/// ```
-///
-/// Columns are found by their header names rather than position, because btrfs-progs
-/// versions differ in which columns they print.
-fn parse_qgroup_show(out: &str) -> Result<DiskUsage, PoolError> {
-    let bad = |detail: String| PoolError::BadOutput {
-        program: "btrfs qgroup show".into(),
-        detail,
-    };
-    let mut lines = out.lines().filter(|l| !l.trim().is_empty());
-    let header = lines
-        .next()
-        .ok_or_else(|| bad("no output".into()))?
-        .to_ascii_lowercase();
-    // Multi-word headers ("Max referenced") count as one column: split on 2+ spaces.
-    let columns: Vec<&str> = header
-        .split("  ")
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .collect();
-    let col = |name: &str| columns.iter().position(|c| *c == name);
-    let (Some(rfer), Some(max_rfer)) = (col("referenced"), col("max referenced")) else {
-        return Err(bad(format!(
-            "no referenced/max referenced columns in {header:?}"
-        )));
-    };
-    let row = lines
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.first().is_some_and(|id| id.starts_with("0/")))
-        .ok_or_else(|| bad(format!("no level-0 qgroup in {out:?}")))?;
-    let field = |i: usize| {
-        row.get(i)
-            .copied()
-            .ok_or_else(|| bad(format!("short row {row:?}")))
-    };
-    let used_bytes = field(rfer)?
-        .parse::<u64>()
-        .map_err(|e| bad(format!("referenced {:?}: {e}", row.get(rfer))))?;
-    let limit_bytes = match field(max_rfer)? {
-        "none" => None,
-        v => Some(
-            v.parse::<u64>()
-                .map_err(|e| bad(format!("max referenced {v:?}: {e}")))?,
-        ),
-    };
-    Ok(DiskUsage {
-        used_bytes,
-        limit_bytes,
-    })
 }
 
 /// Removes `path` whatever it is: subvolumes are deleted whole (one ioctl, however big),
@@ -594,28 +648,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_qgroup_show() {
-        let out = "Qgroupid    Referenced    Exclusive  Max referenced   Path \n\
-                   --------    ----------    ---------  --------------   ---- \n\
-                   0/257        196608000        16384      1073741824   containers/x/rootfs\n";
+    fn reads_qgroups_from_sysfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("0_257");
+        std::fs::create_dir(&q).unwrap();
+        let write = |n: &str, v: &str| std::fs::write(q.join(n), v).unwrap();
+        write("referenced", "196608000\n");
+        write("max_referenced", "1073741824\n");
+        write("limit_flags", "1\n");
         assert_eq!(
-            parse_qgroup_show(out).unwrap(),
+            read_qgroup(&q).unwrap(),
             DiskUsage {
                 used_bytes: 196608000,
                 limit_bytes: Some(1 << 30)
             }
         );
-        let out = "Qgroupid    Referenced    Exclusive  Max referenced  Max exclusive   Path \n\
-                   --------    ----------    ---------  --------------  -------------   ---- \n\
-                   0/256                0            0            none           none   a\n";
-        assert_eq!(
-            parse_qgroup_show(out).unwrap(),
-            DiskUsage {
-                used_bytes: 0,
-                limit_bytes: None
-            }
-        );
-        assert!(parse_qgroup_show("").is_err());
-        assert!(parse_qgroup_show("Qgroupid Path\n0/5 x\n").is_err());
+        // A lifted limit keeps its old value; the flag says it no longer holds.
+        write("limit_flags", "0\n");
+        assert_eq!(read_qgroup(&q).unwrap().limit_bytes, None);
+        write("referenced", "lots\n");
+        assert!(read_qgroup(&q).is_err());
+
+        assert_eq!(quota_kind(&dir.path().join("missing")).unwrap(), None);
+        assert_eq!(quota_kind(dir.path()).unwrap(), Some(QuotaKind::Full));
+        std::fs::write(dir.path().join("mode"), "squota\n").unwrap();
+        assert_eq!(quota_kind(dir.path()).unwrap(), Some(QuotaKind::Simple));
     }
 }

@@ -14,6 +14,17 @@
 //!
 //! `path` cannot be combined with the loop-file keys. An empty or missing `[pool]` table
 //! means the default loop file.
+//!
+//! ```toml
+//! [pool]
+//! quotas = "auto"    # or "simple", "full", "off": how per-container disk caps are kept
+//! ```
+//!
+//! `auto` turns btrfs simple quotas on for a loop-file pool (hearth owns that file
+//! system), falling back to full qgroups on kernels older than 6.7; on an operator's
+//! `path` it uses quotas only if they are on already, because switching them on sets a
+//! feature flag on that whole file system. `simple` and `full` switch that mode on
+//! wherever the pool is; `off` never limits a container's disk.
 
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -28,6 +39,18 @@ pub const MIN_SIZE: u64 = 256 << 20;
 #[serde(try_from = "PoolTable")]
 pub struct PoolConfig {
     pub kind: PoolKind,
+    pub quotas: QuotaMode,
+}
+
+/// How the pool keeps per-container disk caps (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaMode {
+    #[default]
+    Auto,
+    Simple,
+    Full,
+    Off,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +74,7 @@ impl Default for PoolConfig {
                 size_bytes: DEFAULT_SIZE,
                 mountpoint: PathBuf::from(DEFAULT_MOUNTPOINT),
             },
+            quotas: QuotaMode::Auto,
         }
     }
 }
@@ -63,12 +87,14 @@ impl PoolConfig {
                 size_bytes,
                 mountpoint,
             },
+            quotas: QuotaMode::Auto,
         }
     }
 
     pub fn existing(path: PathBuf) -> Self {
         PoolConfig {
             kind: PoolKind::Existing { path },
+            quotas: QuotaMode::Auto,
         }
     }
 
@@ -112,6 +138,8 @@ struct PoolTable {
     size: Option<Size>,
     mountpoint: Option<PathBuf>,
     path: Option<PathBuf>,
+    #[serde(default)]
+    quotas: QuotaMode,
 }
 
 #[derive(Deserialize)]
@@ -125,7 +153,7 @@ impl TryFrom<PoolTable> for PoolConfig {
     type Error = String;
 
     fn try_from(t: PoolTable) -> Result<Self, String> {
-        let cfg = match t.path {
+        let mut cfg = match t.path {
             Some(path) => {
                 if t.loop_file.is_some() || t.size.is_some() || t.mountpoint.is_some() {
                     return Err(
@@ -148,6 +176,7 @@ impl TryFrom<PoolTable> for PoolConfig {
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_MOUNTPOINT)),
             ),
         };
+        cfg.quotas = t.quotas;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -220,6 +249,20 @@ mod tests {
             parse(r#"{"path": "/mnt/btrfs"}"#).unwrap(),
             PoolConfig::existing("/mnt/btrfs".into())
         );
+    }
+
+    #[test]
+    fn quota_modes() {
+        assert_eq!(parse("{}").unwrap().quotas, QuotaMode::Auto);
+        for (text, mode) in [
+            ("simple", QuotaMode::Simple),
+            ("full", QuotaMode::Full),
+            ("off", QuotaMode::Off),
+        ] {
+            let c = parse(&format!(r#"{{"path": "/mnt/b", "quotas": "{text}"}}"#)).unwrap();
+            assert_eq!(c.quotas, mode);
+        }
+        assert!(parse(r#"{"quotas": "squota"}"#).is_err());
     }
 
     #[test]

@@ -23,7 +23,8 @@ mod names;
 pub use btrfs::BtrfsError;
 pub use btrfs_pool::BtrfsPool;
 pub use config::{
-    parse_size, PoolConfig, PoolKind, DEFAULT_LOOP_FILE, DEFAULT_MOUNTPOINT, DEFAULT_SIZE,
+    parse_size, PoolConfig, PoolKind, QuotaMode, DEFAULT_LOOP_FILE, DEFAULT_MOUNTPOINT,
+    DEFAULT_SIZE,
 };
 pub use error::PoolError;
 /// Re-exported so users of the pool can name specs, manifests and progress reporters
@@ -48,10 +49,11 @@ pub struct StorageInfo {
 /// A container's disk use as the quota sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskUsage {
-    /// Bytes the rootfs *references*, shared extents included: the size of the disk
-    /// the guest sees (its OS files from the image count too), which is also what the
-    /// limit caps. Exclusive bytes would start near 0 for a fresh snapshot and shrink
-    /// whenever a snapshot shares the data, so they say little about a disk's fullness.
+    /// The bytes the limit counts. With simple quotas (the default) that is what the
+    /// rootfs wrote since it was made (created, copied or restored): the image's files
+    /// it shares are charged to the image, and data a snapshot still holds stays charged
+    /// after the guest deletes it. With full qgroups it is everything the rootfs
+    /// references, shared extents included.
     pub used_bytes: u64,
     /// `None`: unlimited.
     pub limit_bytes: Option<u64>,
