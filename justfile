@@ -38,6 +38,11 @@ test:
 bench-lifecycle *ARGS: build
     ./target/release/hearth bench lifecycle --json {{ARGS}}
 
+# Requests/s and p99 through the HTTPS front door beside nginx as a TLS reverse proxy to
+# the same guest app (needs the node up: `just up`; `--tool wrk` for wrk's figures).
+bench-proxy *ARGS: build
+    ./target/release/hearth bench proxy --json {{ARGS}}
+
 fmt:
     cargo fmt --all
 

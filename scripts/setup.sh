@@ -15,9 +15,10 @@ command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found (install Rust
 # Debian packages. Add to this list, never install by hand.
 #   build:   compilers, libclang for lxc-sys's bindgen, liblxc and libsqlite3 headers
 #   node:    LXC, debootstrap (templates), btrfs, nftables, iproute2, zstd (image export)
+#   bench:   nginx and wrk (`hearth bench proxy` compares the front door with them)
 APT_PACKAGES=(build-essential pkg-config ca-certificates python3-pip clang libclang-dev
   lxc lxc-dev libsqlite3-dev debootstrap btrfs-progs nftables iproute2 uidmap zstd xz-utils
-  curl procps)
+  curl procps nginx wrk)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -7,6 +7,7 @@ pub mod dbload;
 pub mod floor;
 pub mod lifecycle;
 pub mod placement;
+pub mod proxy;
 pub mod snapshots;
 pub mod stats;
 

@@ -199,6 +199,39 @@ enum BenchCmd {
         #[arg(long)]
         no_dbs: bool,
     },
+    /// Requests per second and p99 through hearth's HTTPS front door beside nginx as a
+    /// TLS-terminating reverse proxy to the same app in the same guest: HTTP/1.1
+    /// keep-alive, the same load for both, alternating. Creates and removes its own
+    /// project; needs nginx (and wrk for `--tool wrk`).
+    Proxy {
+        /// Measured time per run (e.g. 10s, 500ms).
+        #[arg(long, default_value = "10s", value_parser = hearth_host::bench::proxy::parse_duration)]
+        duration: std::time::Duration,
+        /// Unmeasured load before each run.
+        #[arg(long, default_value = "2s", value_parser = hearth_host::bench::proxy::parse_duration)]
+        warmup: std::time::Duration,
+        /// Keep-alive connections.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Load generator threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Runs per target (hearth, nginx, hearth, nginx, ...); medians are reported.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Load generator: builtin (hyper + rustls in this binary) or wrk.
+        #[arg(long, default_value = "builtin")]
+        tool: hearth_host::bench::proxy::LoadTool,
+        /// The app's port in the guest.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// The guest app of `bench proxy` (internal).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        port: u16,
+    },
     /// The far end of a floor measurement (internal).
     #[command(hide = true)]
     Peer {
@@ -306,6 +339,32 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 let report =
                     hearth_host::bench::snapshots::run_snapshot_bench(&cfg, &ctl, &opts).await?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(0)
+            }
+            BenchCmd::Proxy {
+                duration,
+                warmup,
+                concurrency,
+                threads,
+                rounds,
+                tool,
+                port,
+            } => {
+                let opts = hearth_host::bench::proxy::ProxyBenchOptions {
+                    duration,
+                    warmup,
+                    concurrency,
+                    threads,
+                    rounds,
+                    tool,
+                    port,
+                };
+                let report = hearth_host::bench::proxy::run_proxy_bench(&cfg, &ctl, &opts).await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(0)
+            }
+            BenchCmd::Serve { port } => {
+                hearth_host::bench::proxy::serve(port).await?;
                 Ok(0)
             }
             BenchCmd::Peer { .. } => unreachable!("handled before the runtime starts"),
