@@ -16,6 +16,8 @@ up: build
     ./target/release/hearth containers get demo >/dev/null 2>&1 || ./target/release/hearth containers create --name demo
     ./target/release/hearth containers list
     @echo
+    ./target/release/hearth urls demo
+    @echo
     @echo "get in:   ./target/release/hearth containers shell demo"
     @echo "run:      ./target/release/hearth containers exec demo -- uname -a"
     @echo "copy:     ./target/release/hearth containers cp ./file demo:/root/file"

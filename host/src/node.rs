@@ -155,6 +155,8 @@ pub struct Node {
     agents: Mutex<HashMap<String, Arc<AgentClient>>>,
     /// One operation at a time per container.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Recent requests the HTTPS front door forwarded, per container.
+    pub access_log: Arc<crate::proxy::access_log::AccessLog>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -179,6 +181,7 @@ impl Node {
             runtime,
             agents: Mutex::default(),
             locks: Mutex::default(),
+            access_log: Arc::default(),
         })
     }
 

@@ -38,6 +38,11 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// The private node's HTTPS port: one per test process, away from a dev node's 8443.
+pub fn https_port(pid: u32) -> u16 {
+    (20_000 + pid % 20_000) as u16
+}
+
 pub fn is_root() -> bool {
     nix::unistd::getuid().is_root()
 }
@@ -70,7 +75,11 @@ base = {base}
 blocks = 100
 [defaults]
 memory_mb = 1024
+[proxy]
+listen = "127.0.0.1:{port}"
+node = "e2e"
 "#,
+            port = https_port(pid),
             d = dir.display(),
             base = 1_000_000u64 + 15_000 * 65_536,
         );

@@ -9,6 +9,7 @@ mod images;
 mod nodecmd;
 mod session;
 mod up;
+mod urls;
 
 use clap::{Args, Parser, Subcommand};
 use hearth_host::config::Config;
@@ -62,6 +63,13 @@ enum Cmd {
     Share(authcmd::ShareArgs),
     /// Open a container's service to everyone (`--off` closes it again).
     Public(authcmd::PublicArgs),
+    /// Where the node's CA certificate is, for clients to trust (e.g. `curl --cacert`).
+    Ca,
+    /// A container's HTTPS URLs: one per kit service, its apps' ports, the REST API.
+    Urls {
+        /// ID, project/name, or a name unique on the node.
+        container: String,
+    },
     /// Templates containers are made from.
     Image {
         #[command(subcommand)]
@@ -295,6 +303,27 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Tokens { cmd } => authcmd::tokens(&ctl, cmd, json).await,
         Cmd::Share(a) => authcmd::share(&ctl, a, json).await,
         Cmd::Public(a) => authcmd::public(&ctl, a, json).await,
+        Cmd::Urls { container } => urls::urls(&cfg, &ctl, &container, json).await,
+        Cmd::Ca => {
+            let path = hearth_host::tls::ca_path(&cfg.tls_dir());
+            anyhow::ensure!(
+                path.exists(),
+                "{} does not exist yet: hearthd makes it on its first start",
+                path.display()
+            );
+            if json {
+                let v = serde_json::json!({
+                    "path": path,
+                    "node": cfg.proxy.node,
+                    "domain": cfg.proxy.domain,
+                    "api": cfg.proxy.url_for("api"),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", path.display());
+            }
+            Ok(0)
+        }
         Cmd::Image { cmd } => {
             tokio::task::spawn_blocking(move || images::run(&cfg, cmd, json)).await?
         }
