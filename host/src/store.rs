@@ -126,6 +126,10 @@ pub struct PublicServiceRow {
 
 pub struct Store {
     conn: Connection,
+    /// Bumped by every change to who may reach a guest (tokens, public services,
+    /// projects and containers going away), so caches of those answers know when to
+    /// ask again.
+    access_generation: std::sync::atomic::AtomicU64,
 }
 
 const SCHEMA: &str = r#"
@@ -264,14 +268,20 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
-        Ok(Store { conn })
+        Ok(Store {
+            conn,
+            access_generation: Default::default(),
+        })
     }
 
     pub fn open_in_memory() -> Result<Store, StoreError> {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
-        Ok(Store { conn })
+        Ok(Store {
+            conn,
+            access_generation: Default::default(),
+        })
     }
 
     pub fn create_project(&self, name: &str) -> Result<Project, StoreError> {
@@ -329,6 +339,7 @@ impl Store {
     /// tokens go with it, so a project later made with the same name does not inherit
     /// them.
     pub fn delete_project(&self, name: &str) -> Result<(), StoreError> {
+        self.access_changed();
         let tx = self.conn.unchecked_transaction()?;
         self.project(name)?;
         let n: i64 = tx.query_row(
@@ -448,6 +459,7 @@ impl Store {
     /// Removes a container's row and what hangs off it (its public services), so a
     /// later container never finds the rows of an earlier one.
     pub fn delete_container(&self, id: &str) -> Result<(), StoreError> {
+        self.access_changed();
         let tx = self.conn.unchecked_transaction()?;
         tx.execute("DELETE FROM public_services WHERE container_id = ?1", [id])?;
         tx.execute("DELETE FROM containers WHERE id = ?1", [id])?;
@@ -570,6 +582,7 @@ impl Store {
         name: &str,
         hash: &str,
     ) -> Result<ApiTokenRow, StoreError> {
+        self.access_changed();
         self.project(project)?;
         let t = ApiTokenRow {
             id: id.to_string(),
@@ -611,6 +624,7 @@ impl Store {
 
     /// Revokes a project's token. Revoking one already revoked keeps the first time.
     pub fn revoke_api_token(&self, project: &str, id: &str) -> Result<ApiTokenRow, StoreError> {
+        self.access_changed();
         self.conn.execute(
             "UPDATE api_tokens SET revoked_at = ?3
              WHERE project = ?1 AND id = ?2 AND revoked_at IS NULL",
@@ -643,6 +657,7 @@ impl Store {
         service: &str,
         public: bool,
     ) -> Result<(), StoreError> {
+        self.access_changed();
         // One transaction, so a container deleted meanwhile leaves no row behind.
         let tx = self.conn.unchecked_transaction()?;
         self.container(container_id)?;
@@ -663,6 +678,19 @@ impl Store {
     }
 
     /// Whether a container's service is public: a primary-key lookup, made per request.
+    /// See [`Store::access_generation`].
+    fn access_changed(&self) {
+        self.access_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Changes whenever a token, a public service, a project or a container is
+    /// created, revoked or removed.
+    pub fn access_generation(&self) -> u64 {
+        self.access_generation
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn is_public(&self, container_id: &str, service: &str) -> Result<bool, StoreError> {
         let mut st = self.conn.prepare_cached(
             "SELECT 1 FROM public_services WHERE container_id = ?1 AND service = ?2",

@@ -9,6 +9,7 @@
 //! headers and the client address only, so it does not care which HTTP stack carries
 //! them.
 
+mod decisions;
 mod limiter;
 pub mod links;
 pub mod tokens;
@@ -19,7 +20,7 @@ pub use tokens::NewToken;
 use crate::config::{Config, ProxyConfig};
 use crate::node::Node;
 use crate::proxy::route::{self, Kit, Service};
-use crate::store::{Store, StoreError};
+use crate::store::{ApiTokenRow, Store, StoreError};
 use hyper::http::{header, HeaderMap, HeaderValue, StatusCode};
 use links::{Claims, KeyCell, LinkError};
 use serde::Serialize;
@@ -309,6 +310,7 @@ pub fn strip_credentials(headers: &mut HeaderMap) {
 
 pub struct Authorizer {
     store: Arc<dyn StoreAccess>,
+    decisions: decisions::Decisions,
     proxy: ProxyConfig,
     key: KeyCell,
     limiter: limiter::Limiter,
@@ -320,6 +322,7 @@ impl Authorizer {
     pub fn new(cfg: &Config, store: Arc<dyn StoreAccess>) -> Authorizer {
         Authorizer {
             store,
+            decisions: decisions::Decisions::default(),
             proxy: cfg.proxy.clone(),
             key: KeyCell::new(cfg.state_dir.join(links::KEY_FILE)),
             limiter: limiter::Limiter::new(MAX_FAILURES, FAILURE_WINDOW, MAX_TRACKED_CLIENTS),
@@ -352,6 +355,19 @@ impl Authorizer {
         err
     }
 
+    /// The live token `token` names, through the decision cache; its use is recorded
+    /// when the store was asked anyway (throttled further by [`tokens::touch`]).
+    fn token(&self, store: &Store, token: &str) -> Result<Option<ApiTokenRow>, AuthError> {
+        if !tokens::well_formed(token) {
+            return Ok(None);
+        }
+        let (row, fresh) = self.decisions.token(store, &tokens::hash(token))?;
+        if let (Some(r), true) = (&row, fresh) {
+            tokens::touch(store, r);
+        }
+        Ok(row)
+    }
+
     /// May this request reach `service` (a canonical label, see [`service_label`]) of
     /// container `container_id` in `project`?
     pub fn check_guest(
@@ -363,7 +379,7 @@ impl Authorizer {
         service: &str,
     ) -> Result<Grant, AuthError> {
         let store = self.store.store();
-        if store.is_public(container_id, service)? {
+        if self.decisions.is_public(&store, container_id, service)? {
             return Ok(Grant::Public);
         }
         self.limit(client)?;
@@ -384,9 +400,8 @@ impl Authorizer {
         }
 
         match tokens::bearer(headers) {
-            Some(Some(token)) => match tokens::lookup(&store, token)? {
+            Some(Some(token)) => match self.token(&store, token)? {
                 Some(row) if row.project == project => {
-                    tokens::touch(&store, &row);
                     return Ok(Grant::Token { token_id: row.id });
                 }
                 Some(row) => {
@@ -450,11 +465,8 @@ impl Authorizer {
             )),
             Some(Some(token)) => {
                 let store = self.store.store();
-                match tokens::lookup(&store, token)? {
-                    Some(row) => {
-                        tokens::touch(&store, &row);
-                        Ok(ApiPrincipal::Project(row.project))
-                    }
+                match self.token(&store, token)? {
+                    Some(row) => Ok(ApiPrincipal::Project(row.project)),
                     None => Err(self.fail(
                         client,
                         AuthError::invalid_token("invalid or revoked API token"),

@@ -1,5 +1,7 @@
 //! Forwarding a request to a guest: HTTP/1.1 over an agent stream (to a kit service in
-//! the agent, or to a port on the guest's loopback), through hyper's pooling client. The
+//! the agent, or to a port on the guest's loopback), or for an app listening on all of
+//! the guest's addresses straight over the host's route to it (an agent hop costs ~25 µs
+//! of CPU per request), through hyper's pooling client. The
 //! client keeps each stream's HTTP connection alive between requests, keyed by
 //! container and target, so the hot path opens no stream and makes no handshake; a
 //! connection the guest closed is replaced by a fresh stream (itself taken from the
@@ -19,6 +21,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+/// How long a direct connection to a guest's app may take before the agent is asked
+/// (the guest is on this machine: a refusal is immediate, silence means a firewall).
+const DIRECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How long opening a stream to a guest may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,8 +68,13 @@ impl Backend {
     }
 }
 
-/// An agent stream as a connection of hyper's client.
-pub struct GuestIo(TokioIo<AgentStream>);
+/// A connection of hyper's client to a guest: straight to the guest's address for an
+/// app listening on all addresses (what nginx would do; no agent in the path), or an
+/// agent stream (kit services, and apps bound to the guest's loopback only).
+pub enum GuestIo {
+    Direct(TokioIo<tokio::net::TcpStream>),
+    Agent(TokioIo<AgentStream>),
+}
 
 impl Connection for GuestIo {
     fn connected(&self) -> Connected {
@@ -73,27 +84,53 @@ impl Connection for GuestIo {
 
 impl hyper::rt::Read for GuestIo {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        match self.get_mut() {
+            GuestIo::Direct(s) => Pin::new(s).poll_read(cx, buf),
+            GuestIo::Agent(s) => Pin::new(s).poll_read(cx, buf),
+        }
     }
 }
 
 impl hyper::rt::Write for GuestIo {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        match self.get_mut() {
+            GuestIo::Direct(s) => Pin::new(s).poll_write(cx, buf),
+            GuestIo::Agent(s) => Pin::new(s).poll_write(cx, buf),
+        }
     }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            GuestIo::Direct(s) => Pin::new(s).poll_flush(cx),
+            GuestIo::Agent(s) => Pin::new(s).poll_flush(cx),
+        }
     }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            GuestIo::Direct(s) => Pin::new(s).poll_shutdown(cx),
+            GuestIo::Agent(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Connects straight to an app on the guest's address. `None` when nothing answers
+/// there (refused: the app listens on the guest's loopback only, or not at all), so the
+/// agent is asked instead.
+async fn direct(ip: std::net::Ipv4Addr, port: u16) -> Option<tokio::net::TcpStream> {
+    let connect = tokio::net::TcpStream::connect((ip, port));
+    match tokio::time::timeout(DIRECT_TIMEOUT, connect).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Some(s)
+        }
+        _ => None,
     }
 }
 
@@ -132,6 +169,11 @@ impl tower::Service<Uri> for AgentConnector {
             let (id, backend) = Backend::from_authority(host)
                 .ok_or_else(|| ConnectError::Address(host.to_string()))?;
             let c = node.get(&id)?;
+            if let Backend::Port(p) = backend {
+                if let Some(s) = direct(c.ip, p).await {
+                    return Ok(GuestIo::Direct(TokioIo::new(s)));
+                }
+            }
             let agent = node.agent(&c)?;
             let open = async {
                 match backend {
@@ -145,7 +187,7 @@ impl tower::Service<Uri> for AgentConnector {
                 .await
                 .map_err(|_| ConnectError::Timeout)?
                 .map_err(ConnectError::Agent)?;
-            Ok(GuestIo(TokioIo::new(stream)))
+            Ok(GuestIo::Agent(TokioIo::new(stream)))
         })
     }
 }

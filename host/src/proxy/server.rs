@@ -42,7 +42,7 @@ pub struct Proxy {
     auth: Arc<Authorizer>,
     api: axum::Router,
     client: GuestClient,
-    resolved: Mutex<HashMap<String, (ContainerRow, Instant)>>,
+    resolved: Mutex<HashMap<String, (Arc<ContainerRow>, Instant)>>,
 }
 
 impl Proxy {
@@ -135,7 +135,7 @@ impl Proxy {
     }
 
     /// The container a host name's `{project}-{container}` names, through a short cache.
-    fn resolve(&self, prefix: &str) -> Option<ContainerRow> {
+    fn resolve(&self, prefix: &str) -> Option<Arc<ContainerRow>> {
         {
             let cache = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((c, at)) = cache.get(prefix) {
@@ -145,7 +145,8 @@ impl Proxy {
             }
         }
         let found = route::splits(prefix)
-            .find_map(|(project, name)| self.node.get(&format!("{project}/{name}")).ok())?;
+            .find_map(|(project, name)| self.node.get(&format!("{project}/{name}")).ok())
+            .map(Arc::new)?;
         let mut cache = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() > 10_000 {
             cache.clear();
