@@ -398,6 +398,16 @@ fn https_front_door_end_to_end() {
     assert_eq!(code, 200, "restore over HTTPS: {v}");
     let (code, v) = front.api(
         "POST",
+        &format!("/api/v1/containers/{api_id}/copy"),
+        &token,
+        Some(r#"{"name":"stolen","target_project_id":"beta"}"#),
+    );
+    assert_eq!(
+        code, 403,
+        "a copy into a project the token does not own: {v}"
+    );
+    let (code, v) = front.api(
+        "POST",
         &format!("/api/v1/containers/{api_id}/exec"),
         &token,
         Some(r#"{"command":"echo over-https; echo err >&2; exit 3"}"#),

@@ -808,9 +808,21 @@ async fn alias_snapshot(
     responses((status = 201, body = Envelope<Container>), Errors))]
 async fn copy_container(
     State(node): Node_,
+    principal: Option<axum::extract::Extension<crate::auth::ApiPrincipal>>,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<CopyRequest>,
 ) -> ApiResult {
+    // Over HTTPS a project token copies into its own project only (the source was
+    // checked by the front door).
+    if let (Some(axum::extract::Extension(p)), Some(target)) = (&principal, &req.target_project_id)
+    {
+        if !p.may_access(target) {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!("this API token does not grant access to project {target}"),
+            ));
+        }
+    }
     let c = node.copy(&id, req).await?;
     ok(StatusCode::CREATED, "container copied", node.view(&c))
 }

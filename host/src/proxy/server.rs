@@ -330,16 +330,6 @@ impl Proxy {
             ["", "api", "v1", "containers", _, "agent"] => {
                 forbidden("the raw agent channel is only on the control socket")
             }
-            ["", "api", "v1", "containers", _, "copy"] => {
-                // The body may name another project as the target; only the source is
-                // checked here, so a token copies within its own project only.
-                let id = segs[4];
-                self.owned(project, id)?;
-                if parts.uri.query().is_some_and(|q| q.contains("project")) {
-                    return forbidden("copies stay in the token's project");
-                }
-                Ok(())
-            }
             ["", "api", "v1", "containers", id, ..] => self.owned(project, id),
             _ => Ok(()),
         }
