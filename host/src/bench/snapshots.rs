@@ -65,6 +65,33 @@ pub async fn run_snapshot_bench(
     Ok(v)
 }
 
+/// One snapshot through the API: its answer and how long it took (ms).
+async fn api_snapshot(ctl: &ControlClient, id: &str) -> anyhow::Result<(Value, f64)> {
+    let t = Instant::now();
+    let v = ctl
+        .call(
+            Method::POST,
+            &format!("/api/v1/containers/{id}/snapshots"),
+            Some(json!({})),
+        )
+        .await
+        .context("snapshot")?;
+    Ok((v, ms(t.elapsed())))
+}
+
+/// The floor: a raw read-only btrfs snapshot of `src` at `dst` (ms), removed again.
+async fn raw_snapshot_ms(src: &std::path::Path, dst: &std::path::Path) -> anyhow::Result<f64> {
+    let (src, dst) = (src.to_path_buf(), dst.to_path_buf());
+    blocking(move || {
+        let t = Instant::now();
+        btrfs::snapshot(&src, &dst, true)?;
+        let d = ms(t.elapsed());
+        btrfs::delete_subvolume(&dst)?;
+        Ok(d)
+    })
+    .await
+}
+
 fn project_name(p: &BenchProject) -> String {
     p.name().to_string()
 }
@@ -96,33 +123,15 @@ async fn measure(
     let mut floor_ms = Vec::new();
     let mut names = Vec::new();
     for i in 0..opts.n {
-        let t = Instant::now();
-        let v = ctl
-            .call(
-                Method::POST,
-                &format!("/api/v1/containers/{base}/snapshots"),
-                Some(json!({})),
-            )
-            .await
-            .context("snapshot")?;
-        snap_ms.push(ms(t.elapsed()));
+        let (v, d) = api_snapshot(ctl, &base).await?;
+        snap_ms.push(d);
         names.push(
             v["snapshot"]["name"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string(),
         );
-        let (src, dst) = (rootfs.clone(), floor_dir.join(format!("f{i}")));
-        floor_ms.push(
-            blocking(move || {
-                let t = Instant::now();
-                btrfs::snapshot(&src, &dst, true)?;
-                let d = ms(t.elapsed());
-                btrfs::delete_subvolume(&dst)?;
-                Ok(d)
-            })
-            .await?,
-        );
+        floor_ms.push(raw_snapshot_ms(&rootfs, &floor_dir.join(format!("f{i}"))).await?);
     }
     let k = opts.n.min(10);
     let mut restore_ms = Vec::new();
@@ -248,16 +257,8 @@ async fn measure_with_dbs(
     let mut snap_ms = Vec::new();
     let mut floor_ms = Vec::new();
     for i in 0..n {
-        let t = Instant::now();
-        let v = ctl
-            .call(
-                Method::POST,
-                &format!("/api/v1/containers/{id}/snapshots"),
-                Some(json!({})),
-            )
-            .await
-            .context("snapshot")?;
-        snap_ms.push(ms(t.elapsed()));
+        let (v, d) = api_snapshot(ctl, &id).await?;
+        snap_ms.push(d);
         let quiesced = v["snapshot"]["quiesced"].as_array().map_or(0, Vec::len);
         ensure!(
             quiesced == dbload::DATABASES.len(),
@@ -274,17 +275,7 @@ async fn measure_with_dbs(
         )
         .await
         .context("delete snapshot")?;
-        let (src, dst) = (rootfs.clone(), floor_dir.join(format!("db{i}")));
-        floor_ms.push(
-            blocking(move || {
-                let t = Instant::now();
-                btrfs::snapshot(&src, &dst, true)?;
-                let d = ms(t.elapsed());
-                btrfs::delete_subvolume(&dst)?;
-                Ok(d)
-            })
-            .await?,
-        );
+        floor_ms.push(raw_snapshot_ms(&rootfs, &floor_dir.join(format!("db{i}"))).await?);
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let out = agent.run(&["sh", "-c", dbload::ACKED]).await?;

@@ -209,6 +209,30 @@ async fn list_public(
     )
 }
 
+/// Opens (`public`) or closes a service; the open answer carries the service's URL.
+fn set_public(
+    st: &AuthState,
+    principal: &Principal,
+    id: &str,
+    service: &str,
+    public: bool,
+) -> ApiResult {
+    let c = container(st, principal, id)?;
+    let service = auth::parse_service(service)?;
+    st.node.store().set_public(&c.id, &service, public)?;
+    tracing::info!(container = %c.id, %service, public, "service access changed");
+    let mut data = json!({ "container_id": c.id, "service": service, "public": public });
+    if public {
+        data["url"] = json!(public_url(st, &c, &service));
+    }
+    let message = if public {
+        "service is public"
+    } else {
+        "service is private"
+    };
+    ok(StatusCode::OK, message, data)
+}
+
 /// Opens one service (`files-1`, `http-8000`) to everyone.
 #[utoipa::path(put, path = "/api/v1/containers/{id}/public/{service}", tag = "access",
     params(("id" = String, Path), ("service" = String, Path)),
@@ -218,16 +242,7 @@ async fn make_public(
     principal: Principal,
     Path((id, service)): Path<(String, String)>,
 ) -> ApiResult {
-    let c = container(&st, &principal, &id)?;
-    let service = auth::parse_service(&service)?;
-    st.node.store().set_public(&c.id, &service, true)?;
-    tracing::info!(container = %c.id, %service, "service made public");
-    ok(
-        StatusCode::OK,
-        "service is public",
-        json!({ "container_id": c.id, "service": service, "public": true,
-                "url": public_url(&st, &c, &service) }),
-    )
+    set_public(&st, &principal, &id, &service, true)
 }
 
 /// Closes a service again.
@@ -239,15 +254,7 @@ async fn make_private(
     principal: Principal,
     Path((id, service)): Path<(String, String)>,
 ) -> ApiResult {
-    let c = container(&st, &principal, &id)?;
-    let service = auth::parse_service(&service)?;
-    st.node.store().set_public(&c.id, &service, false)?;
-    tracing::info!(container = %c.id, %service, "service made private");
-    ok(
-        StatusCode::OK,
-        "service is private",
-        json!({ "container_id": c.id, "service": service, "public": false }),
-    )
+    set_public(&st, &principal, &id, &service, false)
 }
 
 #[cfg(test)]
