@@ -330,7 +330,10 @@ mod tests {
         fn delete_snapshot(&self, _: &str, _: &str) -> Result<(), PoolError> {
             unreachable!("{UNUSED}")
         }
-        fn restore_rootfs(&self, _: &str, _: &str) -> Result<(), PoolError> {
+        fn stage_restore(&self, _: &str, _: &str) -> Result<(), PoolError> {
+            unreachable!("{UNUSED}")
+        }
+        fn swap_restored(&self, _: &str) -> Result<(), PoolError> {
             unreachable!("{UNUSED}")
         }
         fn create_rootfs_from(&self, _: &Path, _: &str) -> Result<PathBuf, PoolError> {

@@ -1134,7 +1134,10 @@ mod tests {
         fn delete_snapshot(&self, _: &str, _: &str) -> Result<(), PoolError> {
             unreachable!()
         }
-        fn restore_rootfs(&self, _: &str, _: &str) -> Result<(), PoolError> {
+        fn stage_restore(&self, _: &str, _: &str) -> Result<(), PoolError> {
+            unreachable!()
+        }
+        fn swap_restored(&self, _: &str) -> Result<(), PoolError> {
             unreachable!()
         }
         fn create_rootfs_from(&self, _: &FsPath, _: &str) -> Result<PathBuf, PoolError> {

@@ -349,7 +349,7 @@ impl Storage for BtrfsPool {
         remove_tree(&self.snapshot_path(id, name))
     }
 
-    fn restore_rootfs(&self, id: &str, name: &str) -> Result<(), PoolError> {
+    fn stage_restore(&self, id: &str, name: &str) -> Result<(), PoolError> {
         validate("container id", id)?;
         validate("snapshot name", name)?;
         let snap = self.snapshot_path(id, name);
@@ -359,11 +359,18 @@ impl Storage for BtrfsPool {
                 name: name.to_string(),
             });
         }
-        let rootfs = self.rootfs(id);
-        let incoming = rootfs.with_file_name("rootfs.incoming");
+        let incoming = self.rootfs(id).with_file_name("rootfs.incoming");
         remove_tree(&incoming)?;
         btrfs::snapshot(&snap, &incoming, false)?;
-        // The swap: the restored tree becomes `rootfs`, the old one `rootfs.incoming`.
+        Ok(())
+    }
+
+    fn swap_restored(&self, id: &str) -> Result<(), PoolError> {
+        validate("container id", id)?;
+        let rootfs = self.rootfs(id);
+        let incoming = rootfs.with_file_name("rootfs.incoming");
+        btrfs::require_subvolume(&incoming)?;
+        // The restored tree becomes `rootfs`, the old one `rootfs.incoming`.
         renameat2(
             AT_FDCWD,
             &incoming,
@@ -375,8 +382,7 @@ impl Storage for BtrfsPool {
             op: "swap in the restored rootfs",
             path: rootfs.clone(),
             source: e.into(),
-        })?;
-        remove_tree(&incoming)
+        })
     }
 
     fn create_rootfs_from(&self, src: &Path, id: &str) -> Result<PathBuf, PoolError> {

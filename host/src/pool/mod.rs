@@ -107,18 +107,23 @@ pub trait Storage: Send + Sync {
     fn list_snapshots(&self, id: &str) -> Result<Vec<String>, PoolError>;
     /// Missing is Ok (idempotent, for crash recovery).
     fn delete_snapshot(&self, id: &str, name: &str) -> Result<(), PoolError>;
-    /// Replaces the container's rootfs with a writable copy of snapshot `name`. The
-    /// swap is one atomic rename: a crash leaves the old rootfs or the new one, never
-    /// none; leftovers are cleared by [`Storage::recover_container`].
-    fn restore_rootfs(&self, id: &str, name: &str) -> Result<(), PoolError>;
+    /// The first half of a restore, which leaves the live rootfs alone (so it can run
+    /// while the guest is still being stopped): a writable copy of snapshot `name` is
+    /// made beside the rootfs. Fails with `NotFound` if there is no such snapshot.
+    fn stage_restore(&self, id: &str, name: &str) -> Result<(), PoolError>;
+    /// The second half: the staged copy becomes the rootfs in one atomic rename (a crash
+    /// leaves the old rootfs or the new one, never none), and the old tree takes the
+    /// staged copy's place until [`Storage::recover_container`] removes it.
+    fn swap_restored(&self, id: &str) -> Result<(), PoolError>;
     /// A new container's rootfs as a writable snapshot of `src` (a snapshot or another
     /// container's rootfs): branch and copy.
     fn create_rootfs_from(&self, src: &Path, id: &str) -> Result<PathBuf, PoolError>;
-    /// Removes what an interrupted restore left next to the rootfs.
+    /// Removes what a restore left next to the rootfs: the old tree after a swap, or a
+    /// staged copy a failed or interrupted restore never swapped in.
     fn recover_container(&self, id: &str) -> Result<(), PoolError>;
 
     /// Caps the container's rootfs at `bytes` (`None` lifts the cap). The cap belongs to
-    /// the rootfs subvolume, so after [`Storage::restore_rootfs`] or
+    /// the rootfs subvolume, so after [`Storage::swap_restored`] or
     /// [`Storage::create_rootfs_from`] made a new one it must be set again. Fails with
     /// `Unsupported` when [`StorageInfo::quotas`] is false.
     fn set_quota(&self, id: &str, bytes: Option<u64>) -> Result<(), PoolError>;

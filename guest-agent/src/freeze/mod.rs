@@ -1,0 +1,333 @@
+//! Freezing the guest's disk state for a snapshot: each running database engine is
+//! asked to make its files consistent (the way that engine needs), then the file system
+//! is synced. The freeze holds until the host thaws it, or until a deadline, so a host
+//! that dies mid-snapshot never leaves a database locked.
+//!
+//! Engines are plug-ins behind [`Engine`]: the service catalog adds more without
+//! touching this code.
+
+mod mariadb;
+mod mongodb;
+mod postgres;
+mod redis;
+mod systemd;
+
+use hearth_protocol::Error;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, Command};
+
+/// What an engine holds while frozen; [`Held::thaw`] releases it.
+pub enum Held {
+    /// Nothing to hold: the engine's work was done at freeze time (a checkpoint).
+    Nothing,
+    /// A client process whose session keeps a lock until told otherwise (MongoDB's
+    /// `fsyncLock` on a `mongosh`); `release` is written to its stdin at thaw before it
+    /// is closed.
+    Session {
+        child: Child,
+        release: &'static [u8],
+    },
+    /// Work that lifts what the freeze set up (on the engine's own connection), run at
+    /// thaw.
+    Release(Pin<Box<dyn Future<Output = ()> + Send>>),
+}
+
+impl Held {
+    pub fn release(f: impl Future<Output = ()> + Send + 'static) -> Held {
+        Held::Release(Box::pin(f))
+    }
+
+    async fn thaw(self) {
+        match self {
+            Held::Nothing => {}
+            Held::Session { mut child, release } => {
+                if let Some(mut stdin) = child.stdin.take() {
+                    let _ = stdin.write_all(release).await;
+                    drop(stdin);
+                }
+                // The lock goes with the release (or with the session, at the latest);
+                // the client's own exit is not worth making the host wait for.
+                tokio::spawn(async move {
+                    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                        .await
+                        .is_err()
+                    {
+                        let _ = child.kill().await;
+                    }
+                });
+            }
+            Held::Release(f) => f.await,
+        }
+    }
+}
+
+pub type EngineFuture<'a> = Pin<Box<dyn Future<Output = Result<Held, Error>> + Send + 'a>>;
+
+/// A database engine that can be quiesced.
+pub trait Engine: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// systemd units whose being active means the engine runs.
+    fn units(&self) -> &'static [&'static str];
+    /// Makes the engine's files consistent on disk and holds them so until thawed;
+    /// whatever it holds must also end by itself after `timeout`. `units` are the
+    /// engine's units found active (an engine may run several instances).
+    fn freeze(&self, units: Vec<String>, timeout: Duration) -> EngineFuture<'_>;
+}
+
+/// How long a kept database connection may sit unused before it is closed: snapshots
+/// come in bursts (an agent's task, a benchmark), and an idle session should not show
+/// in the database's client list for ever.
+const KEEP_IDLE: Duration = Duration::from_secs(120);
+
+/// A connection an engine keeps between freezes, so a freeze costs a query and not a
+/// login (for PostgreSQL, a backend process forked per session). Closed after
+/// [`KEEP_IDLE`] unused.
+pub struct Kept<C> {
+    slot: Arc<Mutex<(Option<C>, u64)>>,
+}
+
+impl<C> Clone for Kept<C> {
+    fn clone(&self) -> Self {
+        Kept {
+            slot: self.slot.clone(),
+        }
+    }
+}
+
+impl<C: Send + 'static> Kept<C> {
+    pub fn new() -> Self {
+        Kept {
+            slot: Arc::new(Mutex::new((None, 0))),
+        }
+    }
+
+    pub fn take(&self) -> Option<C> {
+        let mut s = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        s.1 += 1;
+        s.0.take()
+    }
+
+    pub fn put(&self, c: C) {
+        let generation = {
+            let mut s = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+            s.1 += 1;
+            s.0 = Some(c);
+            s.1
+        };
+        let slot = self.slot.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(KEEP_IDLE).await;
+            let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if s.1 == generation {
+                s.0 = None;
+            }
+        });
+    }
+}
+
+impl<C: Send + 'static> Default for Kept<C> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A command for an engine's client. The agent may run as the guest's init, before
+/// anything set a PATH, and the clients live in sbin directories too.
+fn command(program: &str) -> Command {
+    let mut c = Command::new(program);
+    c.env("PATH", crate::exec::DEFAULT_PATH);
+    c
+}
+
+/// The built-in engines.
+pub fn builtin_engines() -> Vec<Arc<dyn Engine>> {
+    vec![
+        Arc::new(postgres::Postgres::new()),
+        Arc::new(mariadb::MariaDb::new()),
+        Arc::new(redis::Redis::new()),
+        Arc::new(mongodb::MongoDb),
+    ]
+}
+
+/// Flushes every dirty page of the root file system (and so every file on it).
+fn syncfs_root() -> Result<(), Error> {
+    let f = std::fs::File::open("/").map_err(|e| Error::from_io(&e, "/"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: syncfs on a descriptor we own.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(Error::from_io(&std::io::Error::last_os_error(), "syncfs /"));
+    }
+    Ok(())
+}
+
+struct Freeze {
+    held: Vec<Held>,
+    auto_thaw: tokio::task::AbortHandle,
+}
+
+/// The freezes in effect, by id.
+pub struct Freezer {
+    engines: Vec<Arc<dyn Engine>>,
+    next: AtomicU64,
+    active: Arc<Mutex<HashMap<u64, Freeze>>>,
+}
+
+impl Default for Freezer {
+    fn default() -> Self {
+        Freezer::new(builtin_engines())
+    }
+}
+
+impl Freezer {
+    pub fn new(engines: Vec<Arc<dyn Engine>>) -> Self {
+        Freezer {
+            engines,
+            next: AtomicU64::new(1),
+            active: Arc::default(),
+        }
+    }
+
+    /// Quiesces every running engine, then syncs. Returns the freeze id and the engines
+    /// quiesced. On any failure everything already held is released.
+    pub async fn freeze(&self, timeout: Duration) -> Result<(u64, Vec<String>), Error> {
+        let patterns: Vec<&str> = self
+            .engines
+            .iter()
+            .flat_map(|e| e.units().iter().copied())
+            .collect();
+        let t0 = Instant::now();
+        let running = systemd::active_units(&patterns).await;
+        let listed = t0.elapsed();
+        // Engines are independent, so they quiesce at the same time: the freeze costs
+        // the slowest engine, not the sum.
+        let mut set = tokio::task::JoinSet::new();
+        for (i, e) in self.engines.iter().enumerate() {
+            let units: Vec<String> = running
+                .iter()
+                .filter(|u| e.units().iter().any(|p| systemd::unit_matches(p, u)))
+                .cloned()
+                .collect();
+            if !units.is_empty() {
+                let e = e.clone();
+                set.spawn(async move {
+                    let t = Instant::now();
+                    let r = e.freeze(units, timeout).await;
+                    (i, e.name(), r, t.elapsed())
+                });
+            }
+        }
+        let mut done = Vec::new();
+        let mut failed = None;
+        let mut took = Vec::new();
+        while let Some(r) = set.join_next().await {
+            if let Ok((_, name, _, t)) = &r {
+                took.push(format!("{name} {:.1} ms", t.as_secs_f64() * 1e3));
+            }
+            match r {
+                Ok((i, name, Ok(h), _)) => done.push((i, name, h)),
+                Ok((_, name, Err(err), _)) => {
+                    failed.get_or_insert(Error::internal(format!("freeze {name}: {err}")));
+                }
+                Err(e) => {
+                    failed.get_or_insert(Error::internal(format!("freeze worker: {e}")));
+                }
+            }
+        }
+        done.sort_by_key(|d| d.0);
+        let names: Vec<String> = done.iter().map(|d| d.1.to_string()).collect();
+        let held: Vec<Held> = done.into_iter().map(|d| d.2).collect();
+        if let Some(err) = failed {
+            for h in held {
+                h.thaw().await;
+            }
+            return Err(err);
+        }
+        let t = Instant::now();
+        let synced = tokio::task::spawn_blocking(syncfs_root)
+            .await
+            .unwrap_or_else(|e| Err(Error::internal(format!("syncfs worker: {e}"))));
+        tracing::debug!(
+            "freeze: units {:.1} ms, {}, syncfs {:.1} ms",
+            listed.as_secs_f64() * 1e3,
+            took.join(", "),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        if let Err(e) = synced {
+            for h in held {
+                h.thaw().await;
+            }
+            return Err(e);
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let active = self.active.clone();
+        let auto = tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let f = active.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            if let Some(f) = f {
+                tracing::warn!("freeze {id} not thawed within {timeout:?}; thawing");
+                for h in f.held {
+                    h.thaw().await;
+                }
+            }
+        });
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                Freeze {
+                    held,
+                    auto_thaw: auto.abort_handle(),
+                },
+            );
+        Ok((id, names))
+    }
+
+    pub async fn thaw(&self, id: u64) -> Result<(), Error> {
+        let f = self
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+            .ok_or_else(|| {
+                Error::not_found(format!("no freeze {id} (already thawed or timed out)"))
+            })?;
+        f.auto_thaw.abort();
+        for h in f.held {
+            h.thaw().await;
+        }
+        Ok(())
+    }
+
+    pub fn frozen(&self) -> usize {
+        self.active.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn freeze_syncs_and_thaws_by_itself_when_the_host_vanishes() {
+        let f = Freezer::new(Vec::new());
+        let (id, engines) = f.freeze(Duration::from_millis(100)).await.unwrap();
+        assert!(engines.is_empty());
+        assert_eq!(f.frozen(), 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(f.frozen(), 0, "the freeze must end by itself");
+        assert_eq!(
+            f.thaw(id).await.unwrap_err().kind,
+            hearth_protocol::ErrorKind::NotFound
+        );
+        let (id, _) = f.freeze(Duration::from_secs(60)).await.unwrap();
+        f.thaw(id).await.unwrap();
+        assert_eq!(f.frozen(), 0);
+    }
+}
