@@ -45,6 +45,9 @@ pub struct ProxyConfig {
     /// reloaded when the files change.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// Threads serving HTTPS, each with its own listening socket and guest connections
+    /// (0: one per CPU).
+    pub workers: usize,
 }
 
 impl Default for ProxyConfig {
@@ -56,6 +59,7 @@ impl Default for ProxyConfig {
             public_port: None,
             cert: None,
             key: None,
+            workers: 0,
         }
     }
 }

@@ -10,6 +10,7 @@ use serde::Serialize;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -129,7 +130,7 @@ pub struct Store {
     /// Bumped by every change to who may reach a guest (tokens, public services,
     /// projects and containers going away), so caches of those answers know when to
     /// ask again.
-    access_generation: std::sync::atomic::AtomicU64,
+    access_generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 const SCHEMA: &str = r#"
@@ -677,7 +678,6 @@ impl Store {
         Ok(())
     }
 
-    /// Whether a container's service is public: a primary-key lookup, made per request.
     /// See [`Store::access_generation`].
     fn access_changed(&self) {
         self.access_generation
@@ -691,6 +691,13 @@ impl Store {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The counter behind [`Store::access_generation`], for readers that must not take
+    /// the store's lock on every request (the proxy's per-connection grants).
+    pub fn access_generation_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.access_generation.clone()
+    }
+
+    /// Whether a container's service is public: a primary-key lookup.
     pub fn is_public(&self, container_id: &str, service: &str) -> Result<bool, StoreError> {
         let mut st = self.conn.prepare_cached(
             "SELECT 1 FROM public_services WHERE container_id = ?1 AND service = ?2",

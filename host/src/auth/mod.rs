@@ -65,6 +65,67 @@ pub enum Grant {
     },
 }
 
+/// The credential headers of a request, as sent (`None`: more than one `Cookie`
+/// header, which is not remembered).
+#[derive(PartialEq, Eq)]
+struct Credentials {
+    authorization: Option<header::HeaderValue>,
+    cookie: Option<header::HeaderValue>,
+}
+
+impl Credentials {
+    fn of(headers: &HeaderMap) -> Option<Credentials> {
+        let mut cookies = headers.get_all(header::COOKIE).iter();
+        let cookie = cookies.next().cloned();
+        if cookies.next().is_some() {
+            return None;
+        }
+        Some(Credentials {
+            authorization: headers.get(header::AUTHORIZATION).cloned(),
+            cookie,
+        })
+    }
+}
+
+struct Remembered {
+    creds: Credentials,
+    container_id: String,
+    service: String,
+    generation: u64,
+    /// A link's cookie: unix seconds.
+    expires: Option<u64>,
+}
+
+/// The grant one client connection last earned; see [`Authorizer::check_guest_on`].
+#[derive(Default)]
+pub struct ConnectionGrant {
+    last: std::sync::Mutex<Option<Remembered>>,
+}
+
+impl ConnectionGrant {
+    fn holds(
+        &self,
+        creds: &Option<Credentials>,
+        container_id: &str,
+        service: &str,
+        generation: u64,
+    ) -> bool {
+        let Some(creds) = creds else { return false };
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref().is_some_and(|r| {
+            r.generation == generation
+                && &r.creds == creds
+                && r.container_id == container_id
+                && r.service == service
+                && r.expires.is_none_or(|exp| links::now_unix() < exp)
+        })
+    }
+
+    fn remember(&self, r: Remembered) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+}
+
 /// Who is calling the REST API. A project token reaches that project's resources only;
 /// see [`ApiPrincipal::may_access`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -310,6 +371,8 @@ pub fn strip_credentials(headers: &mut HeaderMap) {
 
 pub struct Authorizer {
     store: Arc<dyn StoreAccess>,
+    /// The store's access generation, read without its lock.
+    generation: Arc<std::sync::atomic::AtomicU64>,
     decisions: decisions::Decisions,
     proxy: ProxyConfig,
     key: KeyCell,
@@ -320,8 +383,10 @@ impl Authorizer {
     /// Cheap: the signing key is read (or made) on first use, or by
     /// [`Authorizer::load_key`] for a caller that wants to fail at start-up instead.
     pub fn new(cfg: &Config, store: Arc<dyn StoreAccess>) -> Authorizer {
+        let generation = store.store().access_generation_counter();
         Authorizer {
             store,
+            generation,
             decisions: decisions::Decisions::default(),
             proxy: cfg.proxy.clone(),
             key: KeyCell::new(cfg.state_dir.join(links::KEY_FILE)),
@@ -366,6 +431,42 @@ impl Authorizer {
             tokens::touch(store, r);
         }
         Ok(row)
+    }
+
+    /// [`Authorizer::check_guest`] once per client connection and credentials: the
+    /// connection's next requests with the same `Authorization` and `Cookie` headers to
+    /// the same service are let through on the remembered grant, until anything about
+    /// access changes anywhere (the store's access generation moves: a revoked token
+    /// stops working on open connections at once) or a link's cookie expires.
+    pub fn check_guest_on(
+        &self,
+        conn: &ConnectionGrant,
+        headers: &HeaderMap,
+        client: IpAddr,
+        project: &str,
+        container_id: &str,
+        service: &str,
+    ) -> Result<(), AuthError> {
+        // Read before the check: a change during it makes the grant stale at once.
+        let generation = self.generation.load(std::sync::atomic::Ordering::Relaxed);
+        let creds = Credentials::of(headers);
+        if conn.holds(&creds, container_id, service, generation) {
+            return Ok(());
+        }
+        let grant = self.check_guest(headers, client, project, container_id, service)?;
+        if let Some(creds) = creds {
+            conn.remember(Remembered {
+                creds,
+                container_id: container_id.to_string(),
+                service: service.to_string(),
+                generation,
+                expires: match grant {
+                    Grant::Link { expires } => Some(expires),
+                    _ => None,
+                },
+            });
+        }
+        Ok(())
     }
 
     /// May this request reach `service` (a canonical label, see [`service_label`]) of
@@ -737,6 +838,33 @@ mod tests {
             status(f.auth.check_guest(&basic, ip(1), PROJECT, CID, "files-1")),
             401
         );
+    }
+
+    #[test]
+    fn a_connections_grant_holds_for_the_same_credentials_until_access_changes() {
+        let f = fixture();
+        let t = tokens::create(&f.store.store(), PROJECT, "ci").unwrap();
+        let other = tokens::create(&f.store.store(), PROJECT, "other").unwrap();
+        let conn = ConnectionGrant::default();
+        let check = |h: &HeaderMap, service: &str| {
+            status(
+                f.auth
+                    .check_guest_on(&conn, h, ip(1), PROJECT, CID, service),
+            )
+        };
+        assert_eq!(check(&bearer(&t.token), "http-8000"), 200);
+        assert!(conn.last.lock().unwrap().is_some(), "remembered");
+        // The same credentials again: let through on the grant.
+        assert_eq!(check(&bearer(&t.token), "http-8000"), 200);
+        // Different (or no) credentials on the same connection are checked afresh.
+        assert_eq!(check(&HeaderMap::new(), "http-8000"), 401);
+        assert_eq!(check(&bearer("hearth_bogus"), "http-8000"), 401);
+        assert_eq!(check(&bearer(&other.token), "http-8000"), 200);
+        // Revoking the token the connection used ends its grant at once, though the
+        // credentials are the same.
+        f.store.store().revoke_api_token(PROJECT, &other.id).unwrap();
+        assert_eq!(check(&bearer(&other.token), "http-8000"), 401);
+        assert_eq!(check(&bearer(&t.token), "files-1"), 200);
     }
 
     #[test]

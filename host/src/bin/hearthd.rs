@@ -5,6 +5,9 @@
 //! monitor process, which must not happen from the multi-threaded daemon, so the daemon
 //! runs this in a fresh single-threaded process.
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context;
 use clap::Parser;
 use hearth_host::config::Config;
@@ -136,9 +139,12 @@ async fn front_door(
     drop(tls.spawn_reload_on_change(std::time::Duration::from_secs(5)));
     let auth = Arc::new(hearth_host::auth::Authorizer::new(&node.cfg, node.clone()));
     auth.load_key().context("the capability link key")?;
-    let listener = tokio::net::TcpListener::bind(p.listen)
-        .await
-        .with_context(|| format!("bind the HTTPS listener on {}", p.listen))?;
+    let proxy = hearth_host::proxy::server::Proxy::new(
+        node.clone(),
+        auth,
+        hearth_host::control::api_router(node.clone()),
+    );
+    let serving = proxy.spawn_workers(p.listen, tls.server_config(), p.workers)?;
     tracing::info!(
         "HTTPS on {} for *.{}.{} (CA {})",
         p.listen,
@@ -146,12 +152,7 @@ async fn front_door(
         p.domain,
         tls.ca_path().display()
     );
-    let proxy = hearth_host::proxy::server::Proxy::new(
-        node.clone(),
-        auth,
-        hearth_host::control::api_router(node.clone()),
-    );
-    Ok(proxy.serve(listener, tls.server_config()))
+    Ok(serving)
 }
 
 /// One daemon per state directory: two would each "reconcile" the other's work away.

@@ -7,28 +7,45 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 /// Entries kept per container; older ones fall off.
 pub const PER_CONTAINER: usize = 1000;
 
+/// Kept as the proxy saw it and formatted when read: the proxy's hot path formats
+/// nothing.
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
-    /// RFC 3339, when the request arrived.
-    pub time: String,
-    pub method: String,
+    /// When the request arrived (RFC 3339 when serialized).
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
+    #[serde(serialize_with = "method_str")]
+    pub method: hyper::Method,
     pub host: String,
     pub path: String,
     pub status: u16,
     /// Response body bytes sent.
     pub bytes: u64,
     pub duration_ms: f64,
-    pub client: String,
+    pub client: IpAddr,
     /// The service label (`files-1`, `http-8000`) the request was for.
     pub service: String,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let t = time::OffsetDateTime::from(*t);
+    s.serialize_str(
+        &t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+    )
+}
+
+fn method_str<S: serde::Serializer>(m: &hyper::Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(m.as_str())
 }
 
 #[derive(Default)]
@@ -39,7 +56,14 @@ pub struct AccessLog {
 impl AccessLog {
     pub fn record(&self, container_id: &str, e: Entry) {
         let mut map = self.by_container.lock().unwrap_or_else(|p| p.into_inner());
-        let ring = map.entry(container_id.to_string()).or_default();
+        // Looked up before inserted: the key is allocated once per container, not per
+        // request.
+        if !map.contains_key(container_id) {
+            map.insert(container_id.to_string(), VecDeque::new());
+        }
+        let Some(ring) = map.get_mut(container_id) else {
+            return; // just inserted, under the same lock
+        };
         if ring.len() >= PER_CONTAINER {
             ring.pop_front();
         }
@@ -147,14 +171,14 @@ mod tests {
 
     fn entry(path: &str) -> Entry {
         Entry {
-            time: String::new(),
-            method: "GET".into(),
+            time: SystemTime::now(),
+            method: hyper::Method::GET,
             host: "h".into(),
             path: path.into(),
             status: 200,
             bytes: 0,
             duration_ms: 0.0,
-            client: "127.0.0.1".into(),
+            client: IpAddr::from([127, 0, 0, 1]),
             service: "files-1".into(),
         }
     }
@@ -197,5 +221,11 @@ mod tests {
         let e = log.recent("c", 10);
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].bytes, 11);
+        let json = serde_json::to_value(&e[0]).unwrap();
+        assert_eq!(json["method"], "GET");
+        assert_eq!(json["client"], "127.0.0.1");
+        let time = json["time"].as_str().unwrap();
+        let fmt = &time::format_description::well_known::Rfc3339;
+        assert!(time::OffsetDateTime::parse(time, fmt).is_ok(), "{time}");
     }
 }

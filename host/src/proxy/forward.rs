@@ -7,16 +7,19 @@
 //! connection the guest closed is replaced by a fresh stream (itself taken from the
 //! agent client's pool of already-handshaken connections).
 
+use super::peer::Peer;
 use crate::agents::AgentStream;
 use crate::node::Node;
 use axum::body::Body;
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper::http::uri::{Authority, Scheme};
 use hyper::{header, HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::future::Future;
+use std::net::Ipv4Addr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -248,6 +251,123 @@ fn is_upgrade(h: &HeaderMap) -> bool {
         })
 }
 
+/// The connection to a guest's app that a client's HTTPS connection used last, kept
+/// for its next request. Over HTTP/1.1 keep-alive a client's requests come one after
+/// another, so each finds the same guest connection idle and takes it without a pool
+/// (no key to build and hash, no shared lock, no checkout), the way nginx's worker keeps
+/// an upstream connection per request; requests that find it in use (HTTP/2's
+/// concurrent streams) go through the pool.
+pub(super) enum Pinned {
+    Vacant,
+    InUse,
+    Direct {
+        container: String,
+        port: u16,
+        tx: http1::SendRequest<Body>,
+    },
+    /// The app refused a direct connection (it listens on the guest's loopback only):
+    /// this target goes through the agent, pooled.
+    Refused {
+        container: String,
+        port: u16,
+    },
+}
+
+/// A request sent on the pinned connection, or handed back unsent for the pool.
+enum PinnedOutcome {
+    Answered(Result<Response<Incoming>, String>),
+    NotSent(Request<Body>),
+}
+
+async fn send_pinned(
+    peer: &Peer,
+    container: &str,
+    guest_ip: Ipv4Addr,
+    port: u16,
+    mut req: Request<Body>,
+) -> PinnedOutcome {
+    let reuse = {
+        let mut slot = peer.pinned();
+        match std::mem::replace(&mut *slot, Pinned::InUse) {
+            Pinned::InUse => return PinnedOutcome::NotSent(req),
+            Pinned::Refused {
+                container: c,
+                port: p,
+            } if c == container && p == port => {
+                *slot = Pinned::Refused {
+                    container: c,
+                    port: p,
+                };
+                return PinnedOutcome::NotSent(req);
+            }
+            Pinned::Direct {
+                container: c,
+                port: p,
+                tx,
+            } if c == container && p == port && tx.is_ready() => Some(tx),
+            // Another target, or a connection closed or still busy: replaced (a
+            // dropped sender lets its connection end once idle).
+            _ => None,
+        }
+    };
+    let pin = |tx| {
+        *peer.pinned() = Pinned::Direct {
+            container: container.to_string(),
+            port,
+            tx,
+        }
+    };
+    if let Some(mut tx) = reuse {
+        match tx.try_send_request(req).await {
+            Ok(resp) => {
+                pin(tx);
+                return PinnedOutcome::Answered(Ok(resp));
+            }
+            // Closed by the app between requests, before this one was written: a new
+            // connection takes it.
+            Err(mut e) => match e.take_message() {
+                Some(r) => req = r,
+                None => {
+                    *peer.pinned() = Pinned::Vacant;
+                    return PinnedOutcome::Answered(Err(e.into_error().to_string()));
+                }
+            },
+        }
+    }
+    let Some(stream) = direct(guest_ip, port).await else {
+        *peer.pinned() = Pinned::Refused {
+            container: container.to_string(),
+            port,
+        };
+        return PinnedOutcome::NotSent(req);
+    };
+    let (mut tx, conn) = match http1::handshake(TokioIo::new(stream)).await {
+        Ok(h) => h,
+        Err(e) => {
+            *peer.pinned() = Pinned::Vacant;
+            return PinnedOutcome::Answered(Err(e.to_string()));
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("guest app connection: {e}");
+        }
+    });
+    match tx.try_send_request(req).await {
+        Ok(resp) => {
+            pin(tx);
+            PinnedOutcome::Answered(Ok(resp))
+        }
+        Err(mut e) => {
+            *peer.pinned() = Pinned::Vacant;
+            match e.take_message() {
+                Some(r) => PinnedOutcome::NotSent(r),
+                None => PinnedOutcome::Answered(Err(e.into_error().to_string())),
+            }
+        }
+    }
+}
+
 /// What the guest answered, or why it could not.
 pub enum Forwarded {
     Response(Response<Body>),
@@ -255,37 +375,57 @@ pub enum Forwarded {
     Failed(String),
 }
 
-/// Sends `req` to the guest's `backend` and returns the answer. An HTTP/1.1 upgrade
-/// (WebSocket) that the guest accepts is spliced through end to end after the 101.
-pub async fn forward(
+/// Through hyper's pooling client (agent streams, upgrades, concurrent HTTP/2 streams).
+async fn send_pooled(
     client: &GuestClient,
     container_id: &str,
     backend: &Backend,
+    mut req: Request<Body>,
+) -> Result<Response<Incoming>, String> {
+    let authority: Authority = backend
+        .authority(container_id)
+        .parse()
+        .map_err(|_| format!("bad container id {container_id}"))?;
+    let mut uri = std::mem::take(req.uri_mut()).into_parts();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(authority);
+    *req.uri_mut() = Uri::from_parts(uri).map_err(|e| format!("bad request path: {e}"))?;
+    client.request(req).await.map_err(|e| {
+        std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| e.to_string())
+    })
+}
+
+/// Sends `req` to the guest's `backend` and returns the answer. An HTTP/1.1 upgrade
+/// (WebSocket) that the guest accepts is spliced through end to end after the 101.
+#[allow(clippy::too_many_arguments)]
+pub async fn forward(
+    client: &GuestClient,
+    container_id: &str,
+    guest_ip: Ipv4Addr,
+    backend: &Backend,
     mut req: Request<Incoming>,
     host: &str,
-    client_addr: std::net::IpAddr,
+    peer: &Peer,
 ) -> Forwarded {
     let upgrade = is_upgrade(req.headers());
     let inbound_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    let authority: Authority = match backend.authority(container_id).parse() {
-        Ok(a) => a,
-        Err(_) => return Forwarded::Failed(format!("bad container id {container_id}")),
+    // Origin form, as the guest sees it (the parsed path is reused, not parsed again);
+    // the pool's path puts the authority in front.
+    let mut uri = hyper::http::uri::Parts::default();
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+    );
+    parts.uri = match Uri::from_parts(uri) {
+        Ok(u) => u,
+        Err(_) => return Forwarded::Failed("bad request path".into()),
     };
-    let uri = Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(authority)
-        .path_and_query(path)
-        .build();
-    let Ok(uri) = uri else {
-        return Forwarded::Failed("bad request path".into());
-    };
-    parts.uri = uri;
     // HTTP/2 from the browser carries the host in :authority; the guest speaks
     // HTTP/1.1 and needs a Host header.
     parts.version = Version::HTTP_11;
@@ -293,22 +433,28 @@ pub async fn forward(
     if let Ok(v) = header::HeaderValue::from_str(host) {
         parts.headers.insert(header::HOST, v);
     }
-    if let Ok(v) = header::HeaderValue::from_str(&client_addr.to_string()) {
-        parts.headers.insert("x-forwarded-for", v);
+    if let Some(v) = &peer.forwarded_for {
+        parts.headers.insert("x-forwarded-for", v.clone());
     }
     parts.headers.insert(
         "x-forwarded-proto",
         header::HeaderValue::from_static("https"),
     );
     let out = Request::from_parts(parts, Body::new(body));
-    let mut resp = match client.request(out).await {
-        Ok(r) => r,
-        Err(e) => {
-            let cause = std::error::Error::source(&e)
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| e.to_string());
-            return Forwarded::Failed(cause);
+    let sent = match backend {
+        Backend::Port(port) if !upgrade => {
+            match send_pinned(peer, container_id, guest_ip, *port, out).await {
+                PinnedOutcome::Answered(r) => r,
+                PinnedOutcome::NotSent(out) => {
+                    send_pooled(client, container_id, backend, out).await
+                }
+            }
         }
+        _ => send_pooled(client, container_id, backend, out).await,
+    };
+    let mut resp = match sent {
+        Ok(r) => r,
+        Err(why) => return Forwarded::Failed(why),
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(inbound) = inbound_upgrade {

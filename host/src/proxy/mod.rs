@@ -6,5 +6,6 @@
 
 pub mod access_log;
 pub mod forward;
+pub mod peer;
 pub mod route;
 pub mod server;
