@@ -531,10 +531,15 @@ impl Node {
                 c.state.as_str()
             )));
         }
+        // The intent first, as for a restore: liblxc's kill is asynchronous and LXC
+        // reports the guest RUNNING until its init is reaped, so a daemon killed in
+        // between would otherwise find it running and keep it recorded so after it died.
+        // Reconcile finishes a stop it finds recorded.
+        self.store().set_state(&c.id, State::Stopping, None)?;
         let runtime = self.runtime.clone();
         let name = Self::lxc_name(&c.id);
         let timeout = self.cfg.defaults.stop_timeout_secs;
-        blocking(move || {
+        let stopped = blocking(move || {
             if force {
                 runtime.kill(&name)
             } else {
@@ -542,10 +547,31 @@ impl Node {
             }
             .map_err(internal)
         })
-        .await?;
+        .await;
         self.forget_agent(&c.id);
+        if let Err(e) = stopped {
+            // Recorded as whatever it now is.
+            let now = match self.settled_state(&c.id).await {
+                Ok(RunState::Running) => State::Running,
+                _ => State::Stopped,
+            };
+            self.store().set_state(&c.id, now, None)?;
+            return Err(e);
+        }
         self.store().set_state(&c.id, State::Stopped, None)?;
         self.get(&c.id)
+    }
+
+    /// Finishes a stop that a crash cut off: the guest is killed (a graceful stop is not
+    /// started again on the daemon's way up) and recorded stopped.
+    async fn finish_stop(&self, c: &ContainerRow) -> Result<(), NodeError> {
+        self.settled_state(&c.id).await?;
+        let runtime = self.runtime.clone();
+        let name = Self::lxc_name(&c.id);
+        blocking(move || runtime.kill(&name).map_err(internal)).await?;
+        self.forget_agent(&c.id);
+        self.store().set_state(&c.id, State::Stopped, None)?;
+        Ok(())
     }
 
     pub async fn restart(&self, key: &str) -> Result<ContainerRow, NodeError> {
@@ -705,9 +731,19 @@ impl Node {
         Ok((c, snaps))
     }
 
+    /// Under the container's lock: a restore from this snapshot is either done before
+    /// the snapshot goes, or finds it gone.
     pub async fn delete_snapshot(&self, key: &str, snap: &str) -> Result<(), NodeError> {
         let c = self.get(key)?;
+        let lock = self.lock_for(&c.id);
+        let _guard = lock.lock().await;
         let s = self.store().snapshot(&c.id, snap)?;
+        if s.state == RESTORING {
+            return Err(NodeError::Conflict(format!(
+                "snapshot {} is being restored",
+                s.name
+            )));
+        }
         self.store()
             .set_snapshot_state(&c.id, &s.name, "deleting")?;
         let pool = self.pool.clone();
@@ -972,6 +1008,27 @@ impl Node {
             self.store()
                 .set_snapshot_state(&sn.container_id, &sn.name, "ready")?;
         }
+        // Stops cut off by a crash, before the guests' state is read (a killed guest
+        // may still report RUNNING).
+        let stopping: Vec<_> = self
+            .store()
+            .containers(None)?
+            .into_iter()
+            .filter(|c| c.state == State::Stopping)
+            .collect();
+        for c in stopping {
+            match self.finish_stop(&c).await {
+                Ok(()) => report.push(format!("{}: stop was interrupted; finished", c.id)),
+                Err(e) => {
+                    self.store()
+                        .set_state(&c.id, State::Failed, Some(&e.to_string()))?;
+                    report.push(format!(
+                        "{}: stop was interrupted; finishing it failed: {e}",
+                        c.id
+                    ));
+                }
+            }
+        }
         let rows = self.store().containers(None)?;
         for c in &rows {
             match c.state {
@@ -983,7 +1040,7 @@ impl Node {
                     ));
                     self.purge(c).await?;
                 }
-                State::Running | State::Stopped | State::Failed => {
+                State::Running | State::Stopping | State::Stopped | State::Failed => {
                     let st = self.settled_state(&c.id).await?;
                     let rootfs_ok = self.pool.rootfs(&c.id).exists();
                     if !rootfs_ok {

@@ -29,6 +29,9 @@ pub enum StoreError {
 pub enum State {
     Creating,
     Running,
+    /// A stop was asked for and may still be in flight (liblxc's kill is asynchronous);
+    /// reconcile finishes it.
+    Stopping,
     Stopped,
     Failed,
     Deleting,
@@ -39,6 +42,7 @@ impl State {
         match self {
             State::Creating => "creating",
             State::Running => "running",
+            State::Stopping => "stopping",
             State::Stopped => "stopped",
             State::Failed => "failed",
             State::Deleting => "deleting",
@@ -52,6 +56,7 @@ impl FromStr for State {
         Ok(match s {
             "creating" => State::Creating,
             "running" => State::Running,
+            "stopping" => State::Stopping,
             "stopped" => State::Stopped,
             "failed" => State::Failed,
             "deleting" => State::Deleting,

@@ -387,6 +387,53 @@ fn node_end_to_end() {
         }
     }
     eprintln!("e2e: restores killed part-way left the guest on {seen:?}");
+    // Crash-only stops, the same way: a daemon killed while a forced stop is in flight
+    // comes back with the guest recorded as it is (stopped, and really down; or still
+    // running with its agent answering), never recorded running with a dead guest.
+    let mut outcomes = std::collections::BTreeMap::new();
+    for delay_ms in [0, 5, 15, 30, 60, 120] {
+        for round in 0..2 {
+            let mut stop = node
+                .command(&["containers", "stop", &id1, "--force"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            node.kill9();
+            let _ = stop.wait();
+            node.start_daemon();
+            std::thread::sleep(Duration::from_millis(500));
+            let what = format!("stop killed after {delay_ms} ms (round {round})");
+            let v = node.json(&["containers", "get", &id1]);
+            let status = s(&v, "status");
+            match status.as_str() {
+                "running" => {
+                    let (code, _, err) = node.sh(&id1, "true");
+                    assert_eq!(code, 0, "{what}: recorded running, agent silent: {err}");
+                }
+                "stopped" => {
+                    let out = std::process::Command::new("lxc-info")
+                        .arg("-P")
+                        .arg(node.state_dir().join("lxc"))
+                        .args(["-n", &format!("h-{id1}"), "-s"])
+                        .output()
+                        .unwrap();
+                    let lxc_state = String::from_utf8_lossy(&out.stdout).into_owned();
+                    assert!(
+                        lxc_state.contains("STOPPED"),
+                        "{what}: recorded stopped, but LXC says {lxc_state}"
+                    );
+                    node.json(&["containers", "start", &id1]);
+                    let (code, _, err) = node.sh(&id1, "true");
+                    assert_eq!(code, 0, "{what}: after start: {err}");
+                }
+                other => panic!("{what}: status {other}: {v}"),
+            }
+            *outcomes.entry(status).or_insert(0) += 1;
+        }
+    }
+    eprintln!("e2e: stops killed part-way: {outcomes:?}");
     let out = node.hearth(&["snapshots", "delete", &id1, "crash"]);
     assert!(out.status.success());
     // exec --snapshot-before: a risky command can be undone.

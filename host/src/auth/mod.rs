@@ -862,7 +862,10 @@ mod tests {
         assert_eq!(check(&bearer(&other.token), "http-8000"), 200);
         // Revoking the token the connection used ends its grant at once, though the
         // credentials are the same.
-        f.store.store().revoke_api_token(PROJECT, &other.id).unwrap();
+        f.store
+            .store()
+            .revoke_api_token(PROJECT, &other.id)
+            .unwrap();
         assert_eq!(check(&bearer(&other.token), "http-8000"), 401);
         assert_eq!(check(&bearer(&t.token), "files-1"), 200);
     }
