@@ -240,8 +240,11 @@ impl Node {
             hearth_protocol::Endpoint::Unix(self.agent_socket(&c.id)),
             secret,
             ClientOptions {
+                // The guest's socket is local: a failed dial costs microseconds, while a
+                // doubling wait overshot a booting agent by up to half the boot (a
+                // retry at 31 ms, the next at 63 ms).
                 initial_backoff: Duration::from_millis(1),
-                max_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_millis(3),
                 connect_deadline: AGENT_READY_TIMEOUT,
                 ..ClientOptions::default()
             },
