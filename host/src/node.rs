@@ -196,6 +196,24 @@ impl Node {
         locks.entry(id.to_string()).or_default().clone()
     }
 
+    /// The container under its lock, read again once the lock is held; refused while it
+    /// is being created or deleted.
+    async fn lock_usable(
+        &self,
+        key: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, ContainerRow), NodeError> {
+        let id = self.get(key)?.id;
+        let guard = self.lock_for(&id).lock_owned().await;
+        let c = self.get(&id)?;
+        if matches!(c.state, State::Creating | State::Deleting) {
+            return Err(NodeError::Conflict(format!(
+                "container is {}",
+                c.state.as_str()
+            )));
+        }
+        Ok((guard, c))
+    }
+
     pub fn lxc_name(id: &str) -> String {
         format!("h-{id}")
     }
@@ -290,16 +308,7 @@ impl Node {
                 "this node's storage pool has no quotas; disk sizes cannot be enforced".into(),
             ));
         }
-        let c = self.get(key)?;
-        let lock = self.lock_for(&c.id);
-        let _guard = lock.lock().await;
-        let c = self.get(&c.id)?;
-        if matches!(c.state, State::Creating | State::Deleting) {
-            return Err(NodeError::Conflict(format!(
-                "container is {}",
-                c.state.as_str()
-            )));
-        }
+        let (_guard, c) = self.lock_usable(key).await?;
         let bytes = gb << 30;
         let pool = self.pool.clone();
         let id = c.id.clone();
@@ -524,16 +533,7 @@ impl Node {
     }
 
     pub async fn stop(&self, key: &str, force: bool) -> Result<ContainerRow, NodeError> {
-        let c = self.get(key)?;
-        let lock = self.lock_for(&c.id);
-        let _guard = lock.lock().await;
-        let c = self.get(&c.id)?;
-        if matches!(c.state, State::Creating | State::Deleting) {
-            return Err(NodeError::Conflict(format!(
-                "container is {}",
-                c.state.as_str()
-            )));
-        }
+        let (_guard, c) = self.lock_usable(key).await?;
         // The intent first, as for a restore: liblxc's kill is asynchronous and LXC
         // reports the guest RUNNING until its init is reaped, so a daemon killed in
         // between would otherwise find it running and keep it recorded so after it died.
@@ -788,16 +788,7 @@ impl Node {
     /// for a healthy one and keep it recorded running. [`Node::reconcile`] finishes a
     /// restore it finds marked.
     pub async fn restore(&self, key: &str, snap: &str) -> Result<ContainerRow, NodeError> {
-        let c = self.get(key)?;
-        let lock = self.lock_for(&c.id);
-        let _guard = lock.lock().await;
-        let c = self.get(&c.id)?;
-        if matches!(c.state, State::Creating | State::Deleting) {
-            return Err(NodeError::Conflict(format!(
-                "container is {}",
-                c.state.as_str()
-            )));
-        }
+        let (_guard, c) = self.lock_usable(key).await?;
         let s = self.store().snapshot(&c.id, snap)?;
         if s.state != "ready" {
             return Err(NodeError::Conflict(format!(

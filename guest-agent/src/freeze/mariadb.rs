@@ -3,7 +3,7 @@
 //! freeze). The read lock lives as long as its session and also blocks commits, so
 //! nothing acknowledged after the freeze is in the snapshot.
 
-use super::{Engine, EngineFuture, Held, Kept};
+use super::{Engine, EngineFuture, Failure, Held, Kept};
 use hearth_protocol::Error;
 use std::path::Path;
 use std::time::Duration;
@@ -18,28 +18,6 @@ const CLIENT_PROTOCOL_41: u32 = 0x200;
 const CLIENT_TRANSACTIONS: u32 = 0x2000;
 const CLIENT_SECURE_CONNECTION: u32 = 0x8000;
 const CLIENT_PLUGIN_AUTH: u32 = 0x8_0000;
-
-/// What went wrong: the connection (worth one new one), or the server's answer.
-#[derive(Debug)]
-pub(super) enum Failure {
-    Io(std::io::Error),
-    Server(String),
-}
-
-impl From<std::io::Error> for Failure {
-    fn from(e: std::io::Error) -> Self {
-        Failure::Io(e)
-    }
-}
-
-impl Failure {
-    fn describe(&self) -> String {
-        match self {
-            Failure::Io(e) => e.to_string(),
-            Failure::Server(m) => m.clone(),
-        }
-    }
-}
 
 fn bad(what: impl Into<String>) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what.into())

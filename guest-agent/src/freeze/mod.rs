@@ -137,6 +137,29 @@ impl<C: Send + 'static> Default for Kept<C> {
     }
 }
 
+/// Why a statement on a kept connection failed: the connection (worth one new
+/// connection, the statements being safe to repeat), or the server's answer.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    Io(std::io::Error),
+    Server(String),
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Io(e)
+    }
+}
+
+impl Failure {
+    fn describe(&self) -> String {
+        match self {
+            Failure::Io(e) => e.to_string(),
+            Failure::Server(m) => m.clone(),
+        }
+    }
+}
+
 /// A command for an engine's client. The agent may run as the guest's init, before
 /// anything set a PATH, and the clients live in sbin directories too.
 fn command(program: &str) -> Command {

@@ -8,7 +8,7 @@
 //! 50-150 ms of fsyncs under load, so it is taken only when the WAL since the last one is
 //! more than a moment's replay.
 
-use super::{Engine, EngineFuture, Held, Kept};
+use super::{Engine, EngineFuture, Failure, Held, Kept};
 use hearth_protocol::Error;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -115,19 +115,6 @@ async fn connect_as_postgres(socket: PathBuf) -> Result<UnixStream, Error> {
 /// queries only.
 pub(super) struct Conn {
     io: UnixStream,
-}
-
-/// What went wrong: the connection (worth one new one), or the server's answer.
-#[derive(Debug)]
-pub(super) enum Failure {
-    Io(std::io::Error),
-    Server(String),
-}
-
-impl From<std::io::Error> for Failure {
-    fn from(e: std::io::Error) -> Self {
-        Failure::Io(e)
-    }
 }
 
 fn bad(what: impl Into<String>) -> std::io::Error {
@@ -247,15 +234,6 @@ impl Conn {
         match error {
             Some(e) => Err(Failure::Server(e)),
             None => Ok(first),
-        }
-    }
-}
-
-impl Failure {
-    fn describe(&self) -> String {
-        match self {
-            Failure::Io(e) => e.to_string(),
-            Failure::Server(m) => m.clone(),
         }
     }
 }
