@@ -1,5 +1,6 @@
-//! Snapshots of a guest running PostgreSQL, MariaDB and Redis (Debian 13's packages)
-//! under continuous writes are consistent: each branched snapshot boots, every database
+//! Snapshots of a guest running PostgreSQL, MariaDB and Redis (Debian 13's packages),
+//! and writing to a SQLite database where the kit keeps its own, under continuous
+//! writes are consistent: each branched snapshot boots, every database
 //! starts and holds every row acknowledged before the snapshot was asked for, with no
 //! gap (rows 1..=max), and at least as many as the snapshot's own acknowledgement files
 //! claim. Needs root and the Debian mirror; cleans up on drop (see `TestNode`).
@@ -75,7 +76,7 @@ fn snapshots_of_running_databases_are_consistent() {
         quiesced.sort();
         assert_eq!(
             quiesced,
-            ["mariadb", "postgresql", "redis"],
+            ["mariadb", "postgresql", "redis", "sqlite"],
             "round {round}: every running database must be frozen"
         );
         let name = s(snap, "name");

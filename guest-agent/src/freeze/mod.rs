@@ -10,6 +10,7 @@ mod mariadb;
 mod mongodb;
 mod postgres;
 mod redis;
+mod sqlite;
 mod systemd;
 
 use hearth_protocol::Error;
@@ -74,10 +75,19 @@ pub trait Engine: Send + Sync {
     fn name(&self) -> &'static str;
     /// systemd units whose being active means the engine runs.
     fn units(&self) -> &'static [&'static str];
+    /// For an engine that is a library rather than a server (SQLite), there is no unit
+    /// to find: it names its instances itself (database files), looked up at each
+    /// freeze on a blocking thread. `None`: the instances are the active [`units`].
+    ///
+    /// [`units`]: Engine::units
+    fn instances(&self) -> Option<Vec<String>> {
+        None
+    }
     /// Makes the engine's files consistent on disk and holds them so until thawed;
-    /// whatever it holds must also end by itself after `timeout`. `units` are the
-    /// engine's units found active (an engine may run several instances).
-    fn freeze(&self, units: Vec<String>, timeout: Duration) -> EngineFuture<'_>;
+    /// whatever it holds must also end by itself after `timeout`. `instances` are the
+    /// engine's units found active (an engine may run several) or what
+    /// [`Engine::instances`] named; never empty.
+    fn freeze(&self, instances: Vec<String>, timeout: Duration) -> EngineFuture<'_>;
 }
 
 /// How long a kept database connection may sit unused before it is closed: snapshots
@@ -175,6 +185,7 @@ pub fn builtin_engines() -> Vec<Arc<dyn Engine>> {
         Arc::new(mariadb::MariaDb::new()),
         Arc::new(redis::Redis::new()),
         Arc::new(mongodb::MongoDb),
+        Arc::new(sqlite::KitSqlite::default()),
     ]
 }
 
@@ -225,17 +236,24 @@ impl Freezer {
             .flat_map(|e| e.units().iter().copied())
             .collect();
         let t0 = Instant::now();
-        let running = systemd::active_units(&patterns).await;
+        let engines = self.engines.clone();
+        let named = tokio::task::spawn_blocking(move || {
+            engines.iter().map(|e| e.instances()).collect::<Vec<_>>()
+        });
+        let (running, named) = tokio::join!(systemd::active_units(&patterns), named);
+        let named = named.map_err(|e| Error::internal(format!("listing engine instances: {e}")))?;
         let listed = t0.elapsed();
         // Engines are independent, so they quiesce at the same time: the freeze costs
         // the slowest engine, not the sum.
         let mut set = tokio::task::JoinSet::new();
-        for (i, e) in self.engines.iter().enumerate() {
-            let units: Vec<String> = running
-                .iter()
-                .filter(|u| e.units().iter().any(|p| systemd::unit_matches(p, u)))
-                .cloned()
-                .collect();
+        for (i, (e, named)) in self.engines.iter().zip(named).enumerate() {
+            let units: Vec<String> = named.unwrap_or_else(|| {
+                running
+                    .iter()
+                    .filter(|u| e.units().iter().any(|p| systemd::unit_matches(p, u)))
+                    .cloned()
+                    .collect()
+            });
             if !units.is_empty() {
                 let e = e.clone();
                 set.spawn(async move {

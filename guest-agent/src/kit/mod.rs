@@ -23,6 +23,11 @@ use serde::Serialize;
 use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 
+/// Where kit services keep their state in the guest, one directory per service
+/// (`<service>/…`). SQLite databases kept here are checkpointed by every snapshot's
+/// freeze ([`crate::freeze`]), so a service's database belongs under it.
+pub const STATE_DIR: &str = "/var/lib/hearth-kit";
+
 /// One kit service: its URL slug and how to build its HTTP API.
 pub struct Service {
     pub slug: &'static str,

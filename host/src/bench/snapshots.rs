@@ -28,6 +28,9 @@ impl Default for SnapshotBenchOptions {
     }
 }
 
+/// How often a settling guest is asked whether systemd finished booting.
+const SETTLE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 fn id_of(v: &Value) -> String {
     v["id"].as_str().unwrap_or_default().to_string()
 }
@@ -118,6 +121,11 @@ async fn measure(
     let (base, _) = create("base".into()).await?;
     std::fs::create_dir_all(floor_dir)?;
     let rootfs = pool.rootfs(&base);
+    let agent = super::lifecycle::control_agent(ctl, &base);
+    // "Idle" is a booted guest: one still booting writes its journal and units while
+    // it is being snapshotted.
+    let settle = || super::lifecycle::wait_for_systemd(&agent, &base, SETTLE_POLL);
+    settle().await?;
 
     let mut snap_ms = Vec::new();
     let mut floor_ms = Vec::new();
@@ -133,44 +141,53 @@ async fn measure(
         );
         floor_ms.push(raw_snapshot_ms(&rootfs, &floor_dir.join(format!("f{i}"))).await?);
     }
+    // Restores, branches and creates are measured in rounds, one of each, in an order
+    // that turns each round, each from a settled machine (the restored guest booted):
+    // measured in blocks, whichever came after the others' deletes paid for btrfs's
+    // cleaner and the previous boots, which flattered the first block.
     let k = opts.n.min(10);
-    let mut restore_ms = Vec::new();
-    for name in names.iter().take(k) {
-        let t = Instant::now();
-        ctl.call(
-            Method::PUT,
-            &format!("/api/v1/containers/{base}/snapshots/{name}"),
-            None,
-        )
-        .await
-        .context("restore")?;
-        restore_ms.push(ms(t.elapsed()));
-    }
-    let mut branch_ms = Vec::new();
+    let (mut restore_ms, mut branch_ms, mut create_ms) = (Vec::new(), Vec::new(), Vec::new());
     for (i, name) in names.iter().take(k).enumerate() {
-        let t = Instant::now();
-        let v = ctl
-            .call(
-                Method::POST,
-                &format!("/api/v1/containers/{base}/copy"),
-                Some(json!({ "name": format!("branch{i}"), "source_snapshot": name })),
-            )
-            .await
-            .context("branch")?;
-        branch_ms.push(ms(t.elapsed()));
-        ctl.call(
-            Method::DELETE,
-            &format!("/api/v1/containers/{}", id_of(&v)),
-            None,
-        )
-        .await?;
-    }
-    let mut create_ms = Vec::new();
-    for i in 0..k {
-        let (id, d) = create(format!("plain{i}")).await?;
-        create_ms.push(d);
-        ctl.call(Method::DELETE, &format!("/api/v1/containers/{id}"), None)
-            .await?;
+        for step in 0..3 {
+            settle().await?;
+            match (i + step) % 3 {
+                0 => {
+                    let t = Instant::now();
+                    ctl.call(
+                        Method::PUT,
+                        &format!("/api/v1/containers/{base}/snapshots/{name}"),
+                        None,
+                    )
+                    .await
+                    .context("restore")?;
+                    restore_ms.push(ms(t.elapsed()));
+                }
+                1 => {
+                    let t = Instant::now();
+                    let v = ctl
+                        .call(
+                            Method::POST,
+                            &format!("/api/v1/containers/{base}/copy"),
+                            Some(json!({ "name": format!("branch{i}"), "source_snapshot": name })),
+                        )
+                        .await
+                        .context("branch")?;
+                    branch_ms.push(ms(t.elapsed()));
+                    ctl.call(
+                        Method::DELETE,
+                        &format!("/api/v1/containers/{}", id_of(&v)),
+                        None,
+                    )
+                    .await?;
+                }
+                _ => {
+                    let (id, d) = create(format!("plain{i}")).await?;
+                    create_ms.push(d);
+                    ctl.call(Method::DELETE, &format!("/api/v1/containers/{id}"), None)
+                        .await?;
+                }
+            }
+        }
     }
     let dbs = if opts.with_dbs {
         Some(
