@@ -134,6 +134,9 @@ pub struct ContainerView {
     pub error: Option<String>,
     /// Host path of the agent socket (root on the node can use it directly).
     pub agent_socket: String,
+    /// The runtime's name for the guest (LXC: `lxc-attach -P <lxcpath> -n <name>`). It
+    /// changes when a restore boots the guest anew (see [`Node::lxc_name`]).
+    pub runtime_name: String,
 }
 
 /// Names users give: 1-63 chars of `[a-z0-9-]`, not starting or ending with `-` (they
@@ -214,8 +217,26 @@ impl Node {
         Ok((guard, c))
     }
 
-    pub fn lxc_name(id: &str) -> String {
-        format!("h-{id}")
+    /// The runtime's name for a container in one of its two slots. A restore boots the
+    /// restored rootfs under the other name: LXC's teardown of a killed guest (its
+    /// processes reaped, its veth deleted, a few dozen cgroups removed, 80-130 ms for a
+    /// booted systemd) holds on to the old name until it is done, and waiting for it
+    /// was most of a restore's time.
+    pub fn lxc_name(id: &str, slot: u8) -> String {
+        if slot == 0 {
+            format!("h-{id}")
+        } else {
+            format!("h-{id}-1")
+        }
+    }
+
+    /// The container id and slot an LXC name of ours stands for.
+    pub fn parse_lxc_name(name: &str) -> Option<(&str, u8)> {
+        let rest = name.strip_prefix("h-")?;
+        Some(match rest.strip_suffix("-1") {
+            Some(id) => (id, 1),
+            None => (rest, 0),
+        })
     }
 
     pub fn agent_dir(&self, id: &str) -> PathBuf {
@@ -243,6 +264,7 @@ impl Node {
             created_at: c.created_at.clone(),
             error: c.error.clone(),
             agent_socket: self.agent_socket(&c.id).display().to_string(),
+            runtime_name: Self::lxc_name(&c.id, c.slot),
         }
     }
 
@@ -428,15 +450,16 @@ impl Node {
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
             error: None,
+            slot: 0,
         };
         store.insert_container(&row)?;
         Ok(row)
     }
 
     fn spec(&self, c: &ContainerRow) -> GuestSpec {
-        let veth = net::veth_name(&self.cfg.network, &c.id);
+        let veth = net::veth_name(&self.cfg.network, &c.id, c.slot);
         GuestSpec {
-            name: Self::lxc_name(&c.id),
+            name: Self::lxc_name(&c.id, c.slot),
             hostname: c.name.clone(),
             rootfs: self.pool.rootfs(&c.id),
             idmap_base: self.cfg.idmap.base + c.idmap_block * self.cfg.idmap.size,
@@ -477,8 +500,8 @@ impl Node {
     /// Starts the guest and waits for its agent.
     async fn boot(&self, c: &ContainerRow) -> Result<(), NodeError> {
         let runtime = self.runtime.clone();
-        let name = Self::lxc_name(&c.id);
-        let state = self.settled_state(&c.id).await?;
+        let name = Self::lxc_name(&c.id, c.slot);
+        let state = self.settled_state(&name).await?;
         if state != RunState::Running {
             // A stale socket from the last run would accept nothing; the agent makes a
             // new one. Never remove the socket of a guest that is up: its agent would
@@ -496,11 +519,11 @@ impl Node {
 
     /// The guest's state once it is out of a transition (starting, stopping): a daemon
     /// restarted in the middle of a start must not decide on a half-started guest.
-    async fn settled_state(&self, id: &str) -> Result<RunState, NodeError> {
+    async fn settled_state(&self, lxc_name: &str) -> Result<RunState, NodeError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let runtime = self.runtime.clone();
-            let name = Self::lxc_name(id);
+            let name = lxc_name.to_string();
             let st = blocking(move || runtime.state(&name).map_err(internal)).await?;
             if st != RunState::Other || tokio::time::Instant::now() > deadline {
                 return Ok(st);
@@ -540,7 +563,7 @@ impl Node {
         // Reconcile finishes a stop it finds recorded.
         self.store().set_state(&c.id, State::Stopping, None)?;
         let runtime = self.runtime.clone();
-        let name = Self::lxc_name(&c.id);
+        let name = Self::lxc_name(&c.id, c.slot);
         let timeout = self.cfg.defaults.stop_timeout_secs;
         let stopped = blocking(move || {
             if force {
@@ -554,7 +577,7 @@ impl Node {
         self.forget_agent(&c.id);
         if let Err(e) = stopped {
             // Recorded as whatever it now is.
-            let now = match self.settled_state(&c.id).await {
+            let now = match self.settled_state(&Self::lxc_name(&c.id, c.slot)).await {
                 Ok(RunState::Running) => State::Running,
                 _ => State::Stopped,
             };
@@ -568,9 +591,9 @@ impl Node {
     /// Finishes a stop that a crash cut off: the guest is killed (a graceful stop is not
     /// started again on the daemon's way up) and recorded stopped.
     async fn finish_stop(&self, c: &ContainerRow) -> Result<(), NodeError> {
-        self.settled_state(&c.id).await?;
+        let name = Self::lxc_name(&c.id, c.slot);
+        self.settled_state(&name).await?;
         let runtime = self.runtime.clone();
-        let name = Self::lxc_name(&c.id);
         blocking(move || runtime.kill(&name).map_err(internal)).await?;
         self.forget_agent(&c.id);
         self.store().set_state(&c.id, State::Stopped, None)?;
@@ -817,24 +840,51 @@ impl Node {
         self.get(&c.id)
     }
 
-    /// The restore itself, under the container's lock and the snapshot's mark. The
-    /// writable copy of the snapshot is made while the guest is being killed (LXC's
-    /// teardown of a booted guest, ~35 ms, is most of a restore's cost beyond a boot),
-    /// and the old tree is deleted while the restored guest boots.
+    /// The restore itself, under the container's lock and the snapshot's mark.
+    ///
+    /// A running guest is abandoned rather than waited for: its init is sent SIGKILL,
+    /// the route to its address (through its veth, which LXC deletes later) and its
+    /// agent socket are removed at once, and the restored rootfs boots in the container's other runtime slot
+    /// while LXC's teardown of the old guest goes on beside it (see [`Node::lxc_name`]).
+    /// The writable copy of the snapshot is made meanwhile; the old slot's definition
+    /// and the old tree are removed afterwards, under the container's lock, once the
+    /// old guest is gone.
     async fn restore_locked(&self, c: &ContainerRow, snap: &str) -> Result<(), NodeError> {
         let t = std::time::Instant::now();
+        if c.state != State::Running {
+            return self.restore_stopped(c, snap).await;
+        }
+        let (old, next) = (c.slot, 1 - c.slot);
+        let old_name = Self::lxc_name(&c.id, old);
+        let next_name = Self::lxc_name(&c.id, next);
         let runtime = self.runtime.clone();
-        let lxc = Self::lxc_name(&c.id);
-        // Killed, not shut down: its file system is about to be replaced, so nothing a
-        // clean shutdown would write can matter (and it costs ~200 ms).
-        let killed = blocking(move || runtime.kill(&lxc).map_err(internal));
+        let netcfg = self.cfg.network.clone();
+        let old_veth = net::veth_name(&netcfg, &c.id, old);
+        let (ip, socket) = (c.ip, self.agent_socket(&c.id));
+        let abandoned = blocking(move || {
+            runtime.kill_begin(&old_name).map_err(internal)?;
+            net::links::drop_route(&netcfg, &old_veth, ip).map_err(internal)?;
+            // Nothing may reach the dying agent and take it for the restored one.
+            match std::fs::remove_file(&socket) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(internal(anyhow::anyhow!("{}: {e}", socket.display())))
+                }
+                _ => Ok(()),
+            }
+        });
+        let runtime = self.runtime.clone();
         let pool = self.pool.clone();
         let (id, name) = (c.id.clone(), snap.to_string());
-        let staged = blocking(move || pool.stage_restore(&id, &name).map_err(internal));
-        let (killed, staged) = tokio::join!(killed, staged);
-        killed?;
+        let staged = blocking(move || {
+            // The other slot is free unless an earlier restore's clean-up was cut off
+            // (it runs under this lock, so it is normally long done).
+            runtime.undefine(&next_name).map_err(internal)?;
+            pool.stage_restore(&id, &name).map_err(internal)
+        });
+        let (abandoned, staged) = tokio::join!(abandoned, staged);
+        abandoned?;
         staged?;
-        let killed_at = t.elapsed();
+        let staged_at = t.elapsed();
         let pool = self.pool.clone();
         let id = c.id.clone();
         let disk_bytes = c.disk_bytes;
@@ -844,28 +894,64 @@ impl Node {
             apply_quota(&*pool, &id, disk_bytes)
         })
         .await?;
+        // From here on the container lives in the other slot; a crash is finished there
+        // by reconcile (`finish_restore`).
+        self.store().set_slot(&c.id, next)?;
+        let restored = ContainerRow {
+            slot: next,
+            ..c.clone()
+        };
         self.forget_agent(&c.id);
-        let pool = self.pool.clone();
-        let id = c.id.clone();
-        let old_tree = blocking(move || pool.recover_container(&id).map_err(internal));
-        if c.state == State::Running {
-            let (booted, removed) = tokio::join!(self.boot(c), old_tree);
-            booted?;
-            self.store().set_state(&c.id, State::Running, None)?;
-            tracing::debug!(
-                "restore of {}: killed and staged {killed_at:?}, agent up {:?}",
-                c.id,
-                t.elapsed()
-            );
-            if let Err(e) = removed {
-                // The restore is done; the next one (or reconcile) clears what is left.
-                tracing::warn!("removing the old rootfs of {}: {e}", c.id);
-            }
-        } else {
-            old_tree.await?;
-            self.store().set_state(&c.id, State::Stopped, None)?;
-        }
+        let runtime = self.runtime.clone();
+        let spec = self.spec(&restored);
+        blocking(move || runtime.define(&spec).map_err(internal)).await?;
+        self.boot(&restored).await?;
+        self.store().set_state(&c.id, State::Running, None)?;
+        tracing::debug!(
+            "restore of {}: old guest abandoned and copy staged {staged_at:?}, agent up {:?}",
+            c.id,
+            t.elapsed()
+        );
+        self.retire_slot(&c.id, old);
         Ok(())
+    }
+
+    /// Restoring a stopped container: nothing runs, so the rootfs is swapped in place
+    /// and the guest stays in its slot.
+    async fn restore_stopped(&self, c: &ContainerRow, snap: &str) -> Result<(), NodeError> {
+        let pool = self.pool.clone();
+        let (id, name) = (c.id.clone(), snap.to_string());
+        let disk_bytes = c.disk_bytes;
+        blocking(move || {
+            pool.stage_restore(&id, &name).map_err(internal)?;
+            pool.swap_restored(&id).map_err(internal)?;
+            apply_quota(&*pool, &id, disk_bytes)?;
+            pool.recover_container(&id).map_err(internal)
+        })
+        .await?;
+        self.store().set_state(&c.id, State::Stopped, None)?;
+        Ok(())
+    }
+
+    /// Removes what a restore left in a container's old slot once the old guest is
+    /// gone: its LXC definition (waiting out LXC's teardown) and the old rootfs tree.
+    /// Runs in the background under the container's lock, so the next operation on the
+    /// container finds the slot free; a crash before it is finished by reconcile.
+    fn retire_slot(&self, id: &str, slot: u8) {
+        let lock = self.lock_for(id);
+        let (runtime, pool) = (self.runtime.clone(), self.pool.clone());
+        let (id, name) = (id.to_string(), Self::lxc_name(id, slot));
+        tokio::spawn(async move {
+            let _guard = lock.lock_owned().await;
+            let done = blocking(move || {
+                runtime.undefine(&name).map_err(internal)?;
+                pool.recover_container(&id).map_err(internal)
+            })
+            .await;
+            if let Err(e) = done {
+                tracing::warn!("removing a restore's old guest: {e}");
+            }
+        });
     }
 
     /// Finishes a restore that a crash cut off, from wherever it stopped: the guest is
@@ -877,16 +963,22 @@ impl Node {
     async fn finish_restore(&self, c: &ContainerRow) -> Result<(), NodeError> {
         // A start cut off by the crash is let finish first, so the kill is not lost on
         // a guest still coming up.
-        self.settled_state(&c.id).await?;
+        let name = Self::lxc_name(&c.id, c.slot);
+        self.settled_state(&name).await?;
         let runtime = self.runtime.clone();
         let pool = self.pool.clone();
-        let lxc = Self::lxc_name(&c.id);
+        let other = Self::lxc_name(&c.id, 1 - c.slot);
         let id = c.id.clone();
         let disk_bytes = c.disk_bytes;
+        let spec = self.spec(c);
         blocking(move || {
-            runtime.kill(&lxc).map_err(internal)?;
+            // Both slots: the guest the restore abandoned may still be going down in
+            // the other one, on the tree about to be removed.
+            runtime.undefine(&other).map_err(internal)?;
+            runtime.kill(&name).map_err(internal)?;
             pool.recover_container(&id).map_err(internal)?;
-            apply_quota(&*pool, &id, disk_bytes)
+            apply_quota(&*pool, &id, disk_bytes)?;
+            runtime.define(&spec).map_err(internal)
         })
         .await?;
         self.forget_agent(&c.id);
@@ -1035,7 +1127,12 @@ impl Node {
                     self.purge(c).await?;
                 }
                 State::Running | State::Stopping | State::Stopped | State::Failed => {
-                    let st = self.settled_state(&c.id).await?;
+                    // A restore's old guest in the other slot, if its clean-up was cut
+                    // off: gone before anything below touches the old tree it ran on.
+                    let runtime = self.runtime.clone();
+                    let other = Self::lxc_name(&c.id, 1 - c.slot);
+                    blocking(move || runtime.undefine(&other).map_err(internal)).await?;
+                    let st = self.settled_state(&Self::lxc_name(&c.id, c.slot)).await?;
                     let rootfs_ok = self.pool.rootfs(&c.id).exists();
                     if !rootfs_ok {
                         report.push(format!("{}: rootfs missing; marked failed", c.id));
@@ -1099,11 +1196,11 @@ impl Node {
         }
         // Things on the machine the store does not know: leftovers of a crash between
         // creating them and recording them (or of a store that was reset).
-        let known: std::collections::HashSet<String> = self
+        let known: std::collections::HashMap<String, u8> = self
             .store()
             .containers(None)?
             .into_iter()
-            .map(|c| c.id)
+            .map(|c| (c.id, c.slot))
             .collect();
         let runtime = self.runtime.clone();
         let pool = self.pool.clone();
@@ -1112,21 +1209,23 @@ impl Node {
         let leaks = blocking(move || {
             let mut leaks = Vec::new();
             for name in runtime.list().map_err(internal)? {
-                if let Some(id) = name.strip_prefix("h-") {
-                    if !known.contains(id) {
+                if let Some((id, slot)) = Node::parse_lxc_name(&name) {
+                    if known.get(id) != Some(&slot) {
                         runtime.undefine(&name).map_err(internal)?;
-                        leaks.push(format!("{id}: unknown LXC container removed"));
+                        leaks.push(format!("{name}: unknown LXC container removed"));
                     }
                 }
             }
             for id in pool.container_ids().map_err(internal)? {
-                if !known.contains(&id) {
+                if !known.contains_key(&id) {
                     pool.delete_container(&id).map_err(internal)?;
                     leaks.push(format!("{id}: unknown rootfs removed"));
                 }
             }
-            let live: std::collections::HashSet<String> =
-                known.iter().map(|id| net::veth_name(&netcfg, id)).collect();
+            let live: std::collections::HashSet<String> = known
+                .iter()
+                .map(|(id, slot)| net::veth_name(&netcfg, id, *slot))
+                .collect();
             for link in net::links::leftover_links(&netcfg).map_err(internal)? {
                 if !live.contains(&link) {
                     net::links::release(&netcfg, &link, Ipv4Addr::UNSPECIFIED).map_err(internal)?;
@@ -1136,7 +1235,7 @@ impl Node {
             if let Ok(rd) = std::fs::read_dir(&agents_dir) {
                 for e in rd.flatten() {
                     let id = e.file_name().to_string_lossy().into_owned();
-                    if !known.contains(&id) {
+                    if !known.contains_key(&id) {
                         let _ = std::fs::remove_dir_all(e.path());
                     }
                 }
@@ -1157,8 +1256,12 @@ fn purge_machine(
     ip: Ipv4Addr,
     agent_dir: &std::path::Path,
 ) -> Result<(), NodeError> {
-    runtime.undefine(&Node::lxc_name(id)).map_err(internal)?;
-    net::links::release(netcfg, &net::veth_name(netcfg, id), ip).map_err(internal)?;
+    for slot in [0, 1] {
+        runtime
+            .undefine(&Node::lxc_name(id, slot))
+            .map_err(internal)?;
+        net::links::release(netcfg, &net::veth_name(netcfg, id, slot), ip).map_err(internal)?;
+    }
     pool.delete_container(id).map_err(internal)?;
     match std::fs::remove_dir_all(agent_dir) {
         Ok(()) => Ok(()),
@@ -1286,5 +1389,15 @@ mod tests {
         let id = new_id();
         assert_eq!(id.len(), 10);
         assert!(valid_name(&id));
+    }
+
+    #[test]
+    fn runtime_names_say_container_and_slot() {
+        for slot in [0, 1] {
+            let name = Node::lxc_name("abcdefghij", slot);
+            assert_eq!(Node::parse_lxc_name(&name), Some(("abcdefghij", slot)));
+        }
+        assert_eq!(Node::lxc_name("abcdefghij", 1), "h-abcdefghij-1");
+        assert_eq!(Node::parse_lxc_name("web"), None);
     }
 }

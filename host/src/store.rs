@@ -90,6 +90,10 @@ pub struct ContainerRow {
     pub autostart: bool,
     pub created_at: String,
     pub error: Option<String>,
+    /// Which of the guest's two runtime definitions is current (0 or 1): a restore boots
+    /// the restored rootfs in the other one while the old guest's teardown finishes.
+    #[serde(skip)]
+    pub slot: u8,
 }
 
 /// A snapshot as recorded. `state` is `creating`, `ready` or `deleting`: the intent is
@@ -162,6 +166,7 @@ CREATE TABLE IF NOT EXISTS containers (
     autostart INTEGER NOT NULL,
     created_at TEXT NOT NULL,
     error TEXT,
+    slot INTEGER NOT NULL DEFAULT 0,
     UNIQUE (project, name)
 );
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -234,6 +239,7 @@ fn row_to_container(r: &rusqlite::Row<'_>) -> rusqlite::Result<ContainerRow> {
         autostart: r.get("autostart")?,
         created_at: r.get("created_at")?,
         error: r.get("error")?,
+        slot: u8::from(r.get::<_, i64>("slot")? != 0),
     })
 }
 
@@ -256,6 +262,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     // nothing about quiescing.
     const ADDED: &[(&str, &str, &str)] = &[
         ("containers", "disk_bytes", "INTEGER"),
+        ("containers", "slot", "INTEGER NOT NULL DEFAULT 0"),
         ("snapshots", "quiesced", "TEXT"),
     ];
     for (table, column, ty) in ADDED {
@@ -368,8 +375,8 @@ impl Store {
         self.conn
             .execute(
                 "INSERT INTO containers (id, project, name, image, state, ip, idmap_block, secret,
-                 memory_bytes, cpus, pids, autostart, created_at, error, disk_bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                 memory_bytes, cpus, pids, autostart, created_at, error, disk_bytes, slot)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
                 params![
                     c.id,
                     c.project,
@@ -385,7 +392,8 @@ impl Store {
                     c.autostart,
                     c.created_at,
                     c.error,
-                    c.disk_bytes.map(|b| b as i64)
+                    c.disk_bytes.map(|b| b as i64),
+                    c.slot
                 ],
             )
             .map_err(|e| conflict(e, &format!("container {}/{}", c.project, c.name)))?;
@@ -444,6 +452,17 @@ impl Store {
         let n = self.conn.execute(
             "UPDATE containers SET state = ?2, error = ?3 WHERE id = ?1",
             params![id, state.as_str(), error],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("container {id}")));
+        }
+        Ok(())
+    }
+
+    pub fn set_slot(&self, id: &str, slot: u8) -> Result<(), StoreError> {
+        let n = self.conn.execute(
+            "UPDATE containers SET slot = ?2 WHERE id = ?1",
+            params![id, slot],
         )?;
         if n == 0 {
             return Err(StoreError::NotFound(format!("container {id}")));
@@ -757,6 +776,7 @@ mod tests {
             autostart: true,
             created_at: now(),
             error: None,
+            slot: 0,
         }
     }
 

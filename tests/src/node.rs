@@ -211,10 +211,14 @@ node = "e2e"
             v.sort();
             v
         };
-        let lxc = names(self.state_dir().join("lxc"))
+        // Container ids, whichever runtime slot (or both, mid-restore) they are in.
+        let mut lxc: Vec<String> = names(self.state_dir().join("lxc"))
             .into_iter()
-            .filter_map(|n| n.strip_prefix("h-").map(String::from))
+            .filter_map(|n| {
+                hearth_host::node::Node::parse_lxc_name(&n).map(|(id, _)| id.to_string())
+            })
             .collect();
+        lxc.dedup();
         Machine {
             lxc,
             rootfs: names(self.pool().join("containers")),

@@ -413,10 +413,11 @@ fn node_end_to_end() {
                     assert_eq!(code, 0, "{what}: recorded running, agent silent: {err}");
                 }
                 "stopped" => {
+                    // Restores above moved the guest between its runtime slots.
                     let out = std::process::Command::new("lxc-info")
                         .arg("-P")
                         .arg(node.state_dir().join("lxc"))
-                        .args(["-n", &format!("h-{id1}"), "-s"])
+                        .args(["-n", &s(&v, "runtime_name"), "-s"])
                         .output()
                         .unwrap();
                     let lxc_state = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -582,8 +583,11 @@ fn node_end_to_end() {
         .output()
         .unwrap();
     assert!(routes.stdout.is_empty(), "route to {ip1} left behind");
-    let cgroups = hearth_host::runtime::lxc::cgroup_dirs(&format!("h-{id1}"));
-    assert!(cgroups.is_empty(), "cgroups left behind: {cgroups:?}");
+    for slot in [0, 1] {
+        let name = hearth_host::node::Node::lxc_name(&id1, slot);
+        let cgroups = hearth_host::runtime::lxc::cgroup_dirs(&name);
+        assert!(cgroups.is_empty(), "cgroups left behind: {cgroups:?}");
+    }
     let c3 = node.json(&["containers", "create", "--name", "three"]);
     assert_eq!(s(&c3, "ip"), ip1, "the freed IP is allocated again");
 

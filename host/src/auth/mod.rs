@@ -700,6 +700,7 @@ mod tests {
             autostart: true,
             created_at: "2025-01-01T00:00:00Z".into(),
             error: None,
+            slot: 0,
         }
     }
 

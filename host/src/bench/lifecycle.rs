@@ -302,7 +302,8 @@ async fn lifecycle_once(
         Some(d) => {
             tokio::time::sleep(d).await;
             // The cgroup first: the exec that reads the agent's RSS adds a process.
-            let lxc_name = crate::node::Node::lxc_name(&id);
+            // A container just created runs in its first slot.
+            let lxc_name = crate::node::Node::lxc_name(&id, 0);
             let cgroup = blocking(move || CgroupMemory::read(&lxc_name)).await?;
             let (agent_rss_kb, agent_total_rss_kb, agent_processes) = agent_rss(&agent)
                 .await

@@ -366,6 +366,9 @@ mod tests {
         fn kill(&self, _: &str) -> Result<(), RuntimeError> {
             unreachable!("{UNUSED}")
         }
+        fn kill_begin(&self, _: &str) -> Result<(), RuntimeError> {
+            unreachable!("{UNUSED}")
+        }
         fn state(&self, _: &str) -> Result<RunState, RuntimeError> {
             unreachable!("{UNUSED}")
         }
@@ -415,6 +418,7 @@ mod tests {
                 autostart: true,
                 created_at: "2025-01-01T00:00:00Z".into(),
                 error: None,
+                slot: 0,
             })
             .unwrap();
         let node = Node::new(cfg, store, Arc::new(Inert), Arc::new(Inert));

@@ -498,6 +498,9 @@ struct Container {
     error: Option<String>,
     /// Host path of the agent socket.
     agent_socket: String,
+    /// The runtime's name for the guest (LXC: `lxc-attach -P <lxcpath> -n <name>` on the
+    /// node). It changes when a restore boots the guest anew.
+    runtime_name: String,
 }
 
 #[derive(ToSchema)]
@@ -1175,6 +1178,9 @@ mod tests {
         fn kill(&self, _: &str) -> Result<(), RuntimeError> {
             unreachable!()
         }
+        fn kill_begin(&self, _: &str) -> Result<(), RuntimeError> {
+            unreachable!()
+        }
         fn state(&self, _: &str) -> Result<RunState, RuntimeError> {
             unreachable!()
         }
@@ -1230,6 +1236,7 @@ mod tests {
             autostart: true,
             created_at: "2026-01-01T00:00:00Z".into(),
             error: None,
+            slot: 0,
         };
         store.insert_container(&row).unwrap();
         row

@@ -69,6 +69,23 @@ pub fn release(cfg: &NetConfig, veth: &str, ip: Ipv4Addr) -> Result<(), NetError
     }
 }
 
+/// Removes the route to `ip/32` via `veth` alone, so that another veth can take the
+/// address (a restore booting the container in its other slot) while LXC's teardown
+/// removes `veth` itself, and its neighbour entry, in its own time. One command, no
+/// listing: a route that is already gone is the outcome wanted.
+pub fn drop_route(cfg: &NetConfig, veth: &str, ip: Ipv4Addr) -> Result<(), NetError> {
+    cfg.validate()?;
+    let dst = format!("{ip}/32");
+    match run("ip", &["route", "del", &dst, "dev", veth], None) {
+        Err(NetError::Command { stderr, .. })
+            if stderr.contains("Cannot find device") || stderr.contains("No such process") =>
+        {
+            Ok(())
+        }
+        other => other.map(drop),
+    }
+}
+
 fn release_present(cfg: &NetConfig, veth: &str, ip: Ipv4Addr) -> Result<(), NetError> {
     let gateway = cfg.gateway.to_string();
     let proxies: Vec<Neighbour> = json(&run(

@@ -151,16 +151,21 @@ impl NetConfig {
     }
 }
 
-/// The host-side veth name of a container: the prefix and as much of the id as fits in
-/// an interface name. Ids are 10 characters and the prefix at most 4, so in practice the
-/// whole id is used and names are unique.
-pub fn veth_name(cfg: &NetConfig, container_id: &str) -> String {
+/// The host-side veth name of a container in one of its two runtime slots (see
+/// [`crate::node::Node::lxc_name`]): the prefix, as much of the id as fits in an
+/// interface name, and `1` for the second slot. Ids are 10 characters and the prefix at
+/// most 4, so in practice the whole id is used and names are unique. The slots need
+/// different names because LXC tears a guest's veth down by name: a stopping guest in
+/// one slot must not find (and delete) the veth of the guest now running in the other.
+pub fn veth_name(cfg: &NetConfig, container_id: &str, slot: u8) -> String {
     let mut name = cfg.veth_prefix.clone();
+    let suffix = if slot == 0 { "" } else { "1" };
     name.extend(
         container_id
             .chars()
-            .take(IFNAME_MAX.saturating_sub(name.chars().count())),
+            .take(IFNAME_MAX.saturating_sub(name.chars().count() + suffix.len())),
     );
+    name.push_str(suffix);
     name
 }
 
@@ -250,11 +255,16 @@ mod tests {
     #[test]
     fn veth_names_fit_in_an_interface_name() {
         let mut cfg = NetConfig::default();
-        assert_eq!(veth_name(&cfg, "abcdefghij"), "hvabcdefghij");
+        assert_eq!(veth_name(&cfg, "abcdefghij", 0), "hvabcdefghij");
+        assert_eq!(veth_name(&cfg, "abcdefghij", 1), "hvabcdefghij1");
         cfg.veth_prefix = "hvxy".into();
-        assert_eq!(veth_name(&cfg, "abcdefghij"), "hvxyabcdefghij");
-        let long = veth_name(&cfg, "abcdefghijklmnopqrstuvwxyz");
+        assert_eq!(veth_name(&cfg, "abcdefghij", 0), "hvxyabcdefghij");
+        assert_eq!(veth_name(&cfg, "abcdefghij", 1), "hvxyabcdefghij1");
+        let long = veth_name(&cfg, "abcdefghijklmnopqrstuvwxyz", 0);
         assert_eq!(long, "hvxyabcdefghijk");
+        assert_eq!(long.len(), IFNAME_MAX);
+        let long = veth_name(&cfg, "abcdefghijklmnopqrstuvwxyz", 1);
+        assert_eq!(long, "hvxyabcdefghij1");
         assert_eq!(long.len(), IFNAME_MAX);
     }
 

@@ -189,6 +189,35 @@ impl Runtime for LxcRuntime {
         Ok(())
     }
 
+    fn kill_begin(&self, name: &str) -> Result<(), RuntimeError> {
+        // Not liblxc's stop(): it returns only when the monitor closes the command
+        // connection, at the end of the teardown (50-110 ms for a booted systemd). The
+        // init is signalled through a pidfd instead; the kernel kills the rest of the
+        // pid namespace and the monitor tears down as it would after stop().
+        let c = self.open(name)?;
+        let Some(pid) = c.init_pid() else {
+            return Ok(());
+        };
+        let io = |source| RuntimeError::Io {
+            path: format!("init of {name} (pid {pid})"),
+            source,
+        };
+        let pidfd = match pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+            Err(e) => return Err(io(e)),
+        };
+        // The pidfd holds a process now; it is the guest's init only if LXC still
+        // says so (the pid may have been freed and reused in between).
+        if c.init_pid() != Some(pid) {
+            return Ok(());
+        }
+        match pidfd_kill(&pidfd) {
+            Err(e) if e.raw_os_error() != Some(libc::ESRCH) => Err(io(e)),
+            _ => Ok(()),
+        }
+    }
+
     fn state(&self, name: &str) -> Result<RunState, RuntimeError> {
         if !self.lxcpath.join(name).join("config").exists() {
             return Ok(RunState::Missing);
@@ -284,6 +313,35 @@ fn remove_cgroups(name: &str) {
     for d in cgroup_dirs(name) {
         rmdir_tree(&d);
     }
+}
+
+fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just returned to us and is owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn pidfd_kill(pidfd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid pidfd, SIGKILL, no siginfo, no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The body of `hearthd forkstart NAME LXCPATH`: runs in a fresh, single-threaded process.

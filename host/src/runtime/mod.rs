@@ -71,8 +71,12 @@ pub trait Runtime: Send + Sync {
     fn start(&self, name: &str) -> Result<(), RuntimeError>;
     /// Clean shutdown with a deadline, then a hard stop.
     fn stop(&self, name: &str, timeout_secs: i32) -> Result<(), RuntimeError>;
-    /// Hard stop.
+    /// Hard stop; returns once the guest is stopped and torn down.
     fn kill(&self, name: &str) -> Result<(), RuntimeError>;
+    /// Hard stop, sent: returns as soon as the guest's processes are being killed,
+    /// without waiting for the runtime's teardown (a restore that moves on to another
+    /// slot does not need the old one gone).
+    fn kill_begin(&self, name: &str) -> Result<(), RuntimeError>;
     fn state(&self, name: &str) -> Result<RunState, RuntimeError>;
     fn init_pid(&self, name: &str) -> Result<Option<i32>, RuntimeError>;
     /// Stops (hard) if needed and forgets the guest. Missing is fine.
