@@ -678,6 +678,7 @@ impl Node {
                 }),
                 state: "creating".into(),
                 quiesced: None,
+                size_bytes: None,
             };
             store.insert_snapshot(&row)?;
             row
@@ -693,8 +694,9 @@ impl Node {
                 Err(e)
             }
             Ok(quiesced) => {
+                let size = self.disk_usage(&c).await.map(|u| u.used_bytes);
                 self.store()
-                    .set_snapshot_ready(&c.id, &row.name, quiesced.as_deref())?;
+                    .set_snapshot_ready(&c.id, &row.name, quiesced.as_deref(), size)?;
                 Ok(self.store().snapshot(&c.id, &row.name)?)
             }
         }
@@ -904,15 +906,19 @@ impl Node {
         self.forget_agent(&c.id);
         let runtime = self.runtime.clone();
         let spec = self.spec(&restored);
-        blocking(move || runtime.define(&spec).map_err(internal)).await?;
-        self.boot(&restored).await?;
+        let booted = match blocking(move || runtime.define(&spec).map_err(internal)).await {
+            Ok(()) => self.boot(&restored).await,
+            Err(e) => Err(e),
+        };
+        // The old guest goes either way: the container lives in the other slot now.
+        self.retire_slot(&c.id, old);
+        booted?;
         self.store().set_state(&c.id, State::Running, None)?;
         tracing::debug!(
             "restore of {}: old guest abandoned and copy staged {staged_at:?}, agent up {:?}",
             c.id,
             t.elapsed()
         );
-        self.retire_slot(&c.id, old);
         Ok(())
     }
 

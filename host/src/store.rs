@@ -109,6 +109,11 @@ pub struct SnapshotRow {
     /// The database engines flushed and held for it (`Some(empty)`: the guest ran no
     /// database); `None` when the guest was not running, so its disk was at rest.
     pub quiesced: Option<Vec<String>>,
+    /// The container's disk use (as its `disk.used_bytes` shows it) when the snapshot
+    /// was taken; `None` without quotas. Read at snapshot time because what a btrfs
+    /// snapshot's own qgroup counts under simple quotas (the default) is only what it
+    /// wrote itself: nothing.
+    pub size_bytes: Option<u64>,
 }
 
 /// A project API token as stored: never the token itself, only its SHA-256, so a copy
@@ -177,6 +182,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     expires_at TEXT,
     state TEXT NOT NULL,
     quiesced TEXT,
+    size_bytes INTEGER,
     PRIMARY KEY (container_id, name)
 );
 CREATE TABLE IF NOT EXISTS api_tokens (
@@ -264,6 +270,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         ("containers", "disk_bytes", "INTEGER"),
         ("containers", "slot", "INTEGER NOT NULL DEFAULT 0"),
         ("snapshots", "quiesced", "TEXT"),
+        ("snapshots", "size_bytes", "INTEGER"),
     ];
     for (table, column, ty) in ADDED {
         let mut st = conn.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?;
@@ -515,8 +522,8 @@ impl Store {
     /// Every snapshot, or one container's, oldest first.
     pub fn snapshots(&self, container_id: Option<&str>) -> Result<Vec<SnapshotRow>, StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT container_id, name, alias, created_at, expires_at, state, quiesced
-             FROM snapshots
+            "SELECT container_id, name, alias, created_at, expires_at, state, quiesced,
+             size_bytes FROM snapshots
              WHERE (?1 IS NULL OR container_id = ?1) ORDER BY created_at, name",
         )?;
         let rows = st.query_map([container_id], |r| {
@@ -533,6 +540,7 @@ impl Store {
                         .map(str::to_string)
                         .collect()
                 }),
+                size_bytes: r.get::<_, Option<i64>>(7)?.map(|b| b as u64),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -559,17 +567,23 @@ impl Store {
         Ok(())
     }
 
-    /// Marks a snapshot made: `ready`, with what was quiesced for it.
+    /// Marks a snapshot made: `ready`, with what was quiesced for it and its size.
     pub fn set_snapshot_ready(
         &self,
         container_id: &str,
         name: &str,
         quiesced: Option<&[String]>,
+        size_bytes: Option<u64>,
     ) -> Result<(), StoreError> {
         self.conn.execute(
-            "UPDATE snapshots SET state = 'ready', quiesced = ?3
+            "UPDATE snapshots SET state = 'ready', quiesced = ?3, size_bytes = ?4
              WHERE container_id = ?1 AND name = ?2",
-            params![container_id, name, quiesced.map(|q| q.join(","))],
+            params![
+                container_id,
+                name,
+                quiesced.map(|q| q.join(",")),
+                size_bytes.map(|b| b as i64)
+            ],
         )?;
         Ok(())
     }

@@ -534,7 +534,15 @@ fn node_end_to_end() {
     });
     // The cap belongs to the rootfs subvolume: a restore (a new subvolume) and a copy
     // carry it over.
-    node.json(&["snapshots", "create", &idq, "--alias", "q"]);
+    let sq = node.json(&["snapshots", "create", &idq, "--alias", "q"]);
+    // Its size is the container's disk use when it was taken.
+    let size = sq["snapshot"]["size"].as_u64();
+    assert!(
+        size.is_some_and(|b| b > 0 && b < 2 << 30),
+        "snapshot size: {sq}"
+    );
+    let listed = node.json(&["snapshots", "list", &idq]);
+    assert_eq!(listed["snapshots"][0]["size"].as_u64(), size, "{listed}");
     node.json(&["snapshots", "restore", &idq, "q"]);
     assert_eq!(
         disk(&idq)["limit_bytes"].as_u64(),

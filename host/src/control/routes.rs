@@ -660,6 +660,8 @@ struct SnapshotView {
     expires_at: Option<String>,
     /// Always false: snapshots hold the file system, not processes.
     stateful: bool,
+    /// Bytes: the container's disk use (`disk.used_bytes`) when it was taken; null
+    /// when the node has no disk quotas.
     size: Option<u64>,
     /// The database engines flushed and held for it; null when the guest was stopped.
     quiesced: Option<Vec<String>>,
@@ -673,7 +675,7 @@ impl From<&SnapshotRow> for SnapshotView {
             created_at: s.created_at.clone(),
             expires_at: s.expires_at.clone(),
             stateful: false,
-            size: None,
+            size: s.size_bytes,
             quiesced: s.quiesced.clone(),
         }
     }
@@ -1424,6 +1426,7 @@ mod tests {
                     expires_at: None,
                     state: "ready".into(),
                     quiesced: None,
+                    size_bytes: None,
                 };
                 store.insert_snapshot(&s).unwrap();
             }

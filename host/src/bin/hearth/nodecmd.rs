@@ -196,13 +196,17 @@ pub async fn snapshots(ctl: &ControlClient, cmd: SnapshotCmd, json: bool) -> any
                 )
                 .await?;
             print(json, &v, |v| {
-                println!("{:<20} {:<20} {:<26} EXPIRES", "NAME", "ALIAS", "CREATED");
+                println!(
+                    "{:<20} {:<20} {:<26} {:<10} EXPIRES",
+                    "NAME", "ALIAS", "CREATED", "SIZE"
+                );
                 for sn in v["snapshots"].as_array().into_iter().flatten() {
                     println!(
-                        "{:<20} {:<20} {:<26} {}",
+                        "{:<20} {:<20} {:<26} {:<10} {}",
                         s(sn, "name"),
                         s(sn, "alias"),
                         s(sn, "created_at"),
+                        sn["size"].as_u64().map(gib).unwrap_or_else(|| "-".into()),
                         s(sn, "expires_at")
                     );
                 }
@@ -261,10 +265,13 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
+fn gib(b: u64) -> String {
+    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
 /// `disk` of a container view as `1.2 GiB used of 10.0 GiB` (or `unknown` when the
 /// node's pool has no quotas).
 fn disk_line(d: &Value) -> String {
-    let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
     match d["used_bytes"].as_u64() {
         None => "unknown (no quotas on this node)".into(),
         Some(used) => match d["limit_bytes"].as_u64() {
