@@ -40,6 +40,12 @@ test:
 bench-lifecycle *ARGS: build
     ./target/release/hearth bench lifecycle --json {{ARGS}}
 
+# Snapshot, restore and branch timings beside a raw btrfs snapshot and a plain create;
+# the database phase installs PostgreSQL, MariaDB, Redis and sqlite3 in a guest
+# (`--no-dbs` skips it). Needs the node up (`just up`).
+bench-snapshots *ARGS: build
+    ./target/release/hearth bench snapshots --json {{ARGS}}
+
 # Requests/s and p99 through the HTTPS front door beside nginx as a TLS reverse proxy to
 # the same guest app (needs the node up: `just up`; `--tool wrk` for wrk's figures).
 bench-proxy *ARGS: build

@@ -35,11 +35,15 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(secret: Secret) -> Arc<Agent> {
+        Self::with_freezer(secret, freeze::Freezer::default())
+    }
+
+    pub fn with_freezer(secret: Secret, freezer: freeze::Freezer) -> Arc<Agent> {
         Arc::new(Agent {
             secret,
             features: FEATURES,
             execs: Arc::default(),
-            freezer: freeze::Freezer::default(),
+            freezer,
         })
     }
 }

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
+use hearth_agent::freeze;
 use hearth_protocol::Endpoint;
 use std::path::PathBuf;
 
@@ -73,7 +74,14 @@ fn main() -> anyhow::Result<()> {
             hearth_agent::AGENT_VERSION,
             args.listen
         );
-        let agent = hearth_agent::Agent::new(secret);
+        // Reached over a unix socket, the agent is in a container: the host's kernel
+        // and its snapshots see this guest's page cache (see `freeze::SyncPolicy`).
+        let sync = match &args.listen {
+            Endpoint::Unix(_) => freeze::SyncPolicy::HostSnapshotFlushes,
+            _ => freeze::SyncPolicy::Always,
+        };
+        let freezer = freeze::Freezer::new(freeze::builtin_engines(), sync);
+        let agent = hearth_agent::Agent::with_freezer(secret, freezer);
         hearth_agent::server::serve(listener, agent)
             .await
             .context("serve")

@@ -218,7 +218,10 @@ mod tests {
         assert_eq!(found, vec![db.to_string_lossy().into_owned()]);
         assert_eq!(rows_in_main_file_alone(&db, scratch.path()), None);
 
-        let freezer = super::super::Freezer::new(vec![std::sync::Arc::new(engine)]);
+        let freezer = super::super::Freezer::new(
+            vec![std::sync::Arc::new(engine)],
+            super::super::SyncPolicy::HostSnapshotFlushes,
+        );
         let (id, engines) = freezer.freeze(Duration::from_secs(5)).await.unwrap();
         assert_eq!(engines, ["sqlite"]);
         freezer.thaw(id).await.unwrap();
