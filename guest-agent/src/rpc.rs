@@ -261,6 +261,10 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Response, Error> {
             Ok(Response::Frozen { freeze_id, engines })
         }
         Request::Thaw { freeze_id } => agent.freezer.thaw(freeze_id).await.map(|()| Response::Done),
+        Request::ThawAll => {
+            agent.freezer.thaw_all().await;
+            Ok(Response::Done)
+        }
         Request::Chown { path, uid, gid } => {
             blocking(move || files::chown(&path, uid, gid).map(|()| Response::Done)).await
         }

@@ -32,6 +32,9 @@ const FREEZE_HOLD: Duration = Duration::from_secs(30);
 /// How long quiescing may take: a checkpoint under heavy write load, or FLUSH TABLES
 /// waiting out a long query.
 const FREEZE_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long reconcile waits for a guest's agent to end the freezes of an interrupted
+/// snapshot before it leaves them to the agent's own timeout.
+const THAW_ON_RECONCILE: Duration = Duration::from_secs(5);
 
 /// Disk sizes users may ask for, in GiB.
 const DISK_GB_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000;
@@ -1182,6 +1185,30 @@ impl Node {
         // Snapshot work that was interrupted (restores were finished above), and
         // restores cut off mid-swap.
         let snaps = self.store().snapshots(None)?;
+        for sn in snaps.iter().filter(|s| s.state == "creating") {
+            // A freeze this daemon asked for may still hold the guest's databases: end
+            // it now rather than after the agent's own timeout.
+            let Ok(c) = self.store().container(&sn.container_id) else {
+                continue;
+            };
+            if c.state != State::Running {
+                continue;
+            }
+            let thawed = match self.agent(&c) {
+                Ok(agent) => tokio::time::timeout(THAW_ON_RECONCILE, agent.thaw_all())
+                    .await
+                    .map_err(|_| "timed out".to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string())),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = thawed {
+                report.push(format!(
+                    "{}: could not end a freeze the crash left (the agent ends it by \
+                     itself within {FREEZE_HOLD:?}): {e}",
+                    c.id
+                ));
+            }
+        }
         for sn in snaps.iter().filter(|s| s.state != "ready") {
             let pool = self.pool.clone();
             let (id, name) = (sn.container_id.clone(), sn.name.clone());

@@ -99,14 +99,19 @@ pub enum Request {
         gid: Option<u32>,
     },
     /// Makes the guest's disk consistent for a snapshot: each running database engine
-    /// quiesced the way it needs, then `syncfs`. Held until [`Request::Thaw`] or until
-    /// `timeout_ms` passes (the agent thaws by itself if the host disappears).
+    /// quiesced the way it needs, then `syncfs` where the host cannot see the guest's
+    /// page cache (a VM). Held until [`Request::Thaw`] or until `timeout_ms` passes
+    /// (the agent thaws by itself if the host disappears).
     Freeze {
         timeout_ms: u64,
     },
     Thaw {
         freeze_id: u64,
     },
+    /// Ends every freeze in effect: a host restarted in the middle of a snapshot has
+    /// lost its freeze's id, and releases the guest's databases at once rather than
+    /// leaving their writes blocked until the timeout.
+    ThawAll,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -45,7 +45,7 @@ fn snapshots_of_running_databases_are_consistent() {
         eprintln!("skipped: the snapshot consistency test needs root (CI runs it as root)");
         return;
     }
-    let node = TestNode::start();
+    let mut node = TestNode::start();
     let c = node.json(&["containers", "create", "--name", "dbs", "--memory", "2048"]);
     let id = s(&c, "id");
     wait_systemd(&node, &id);
@@ -138,6 +138,62 @@ fn snapshots_of_running_databases_are_consistent() {
         assert!(out.status.success(), "delete branch {round}");
         let out = node.hearth(&["snapshots", "delete", &id, &name]);
         assert!(out.status.success(), "delete snapshot {round}");
+    }
+
+    // A daemon killed in the middle of a snapshot, between the freeze and the thaw: once
+    // it is back, the half-made snapshot is gone and every database takes writes again
+    // within seconds, not after the agent's own 30 s freeze timeout.
+    for delay_ms in [5u64, 15, 25, 40, 60] {
+        let mut snap = node
+            .command(&["snapshots", "create", &id])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        node.kill9();
+        let _ = snap.wait();
+        node.start_daemon();
+        let what = format!("hearthd killed {delay_ms} ms into a snapshot");
+        let before = dbload::parse_acked(&sh_ok(&node, &id, dbload::ACKED, "reading acks"))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = dbload::parse_acked(&sh_ok(&node, &id, dbload::ACKED, "reading acks"))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            if now.iter().zip(&before).all(|(n, b)| n > b) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: writes still blocked 10 s after the restart: {before:?} -> {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let listed = node.json(&["snapshots", "list", &id]);
+        let names: Vec<String> = listed["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|sn| s(sn, "name"))
+            .collect();
+        let on_disk: Vec<String> = std::fs::read_dir(node.pool().join("snapshots").join(&id))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for n in &on_disk {
+            assert!(
+                names.contains(n),
+                "{what}: {n} on disk, not listed: {names:?}"
+            );
+        }
+        for n in names {
+            let out = node.hearth(&["snapshots", "delete", &id, &n]);
+            assert!(out.status.success(), "{what}: delete {n}");
+        }
     }
 
     // The writers kept going all along: the source's databases still take rows.

@@ -223,10 +223,17 @@ pub enum SyncPolicy {
 
 /// The freezes in effect, by id.
 pub struct Freezer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     engines: Vec<Arc<dyn Engine>>,
     sync: SyncPolicy,
     next: AtomicU64,
     active: Arc<Mutex<HashMap<u64, Freeze>>>,
+    /// Held by a freeze from its start until it is registered in `active`, and by
+    /// [`Freezer::thaw_all`]: a thaw-all never misses a freeze under way.
+    gate: tokio::sync::Mutex<()>,
 }
 
 impl Default for Freezer {
@@ -238,16 +245,69 @@ impl Default for Freezer {
 impl Freezer {
     pub fn new(engines: Vec<Arc<dyn Engine>>, sync: SyncPolicy) -> Self {
         Freezer {
-            engines,
-            sync,
-            next: AtomicU64::new(1),
-            active: Arc::default(),
+            inner: Arc::new(Inner {
+                engines,
+                sync,
+                next: AtomicU64::new(1),
+                active: Arc::default(),
+                gate: tokio::sync::Mutex::new(()),
+            }),
         }
     }
 
-    /// Quiesces every running engine, then syncs (see [`SyncPolicy`]). Returns the freeze id and the engines
-    /// quiesced. On any failure everything already held is released.
+    /// Quiesces every running engine, then syncs (see [`SyncPolicy`]). Returns the
+    /// freeze id and the engines quiesced. On any failure everything already held is
+    /// released.
+    ///
+    /// The work runs to its end even if the caller goes away (the host's connection
+    /// dropped mid-freeze): an engine cut off half-way would stay paused until its own
+    /// timeout with nothing left to release it, while a finished freeze is registered
+    /// and ended by a thaw, a [`Freezer::thaw_all`] or its deadline.
     pub async fn freeze(&self, timeout: Duration) -> Result<(u64, Vec<String>), Error> {
+        let inner = self.inner.clone();
+        tokio::spawn(async move { inner.freeze(timeout).await })
+            .await
+            .unwrap_or_else(|e| Err(Error::internal(format!("freeze worker: {e}"))))
+    }
+
+    pub async fn thaw(&self, id: u64) -> Result<(), Error> {
+        self.inner.thaw(id).await
+    }
+
+    /// Ends every freeze in effect, after any under way has been registered; returns
+    /// how many there were.
+    pub async fn thaw_all(&self) -> usize {
+        let _gate = self.inner.gate.lock().await;
+        let all: Vec<Freeze> = self
+            .inner
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, f)| f)
+            .collect();
+        let n = all.len();
+        for f in all {
+            f.auto_thaw.abort();
+            for h in f.held {
+                h.thaw().await;
+            }
+        }
+        n
+    }
+
+    pub fn frozen(&self) -> usize {
+        self.inner
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+impl Inner {
+    async fn freeze(&self, timeout: Duration) -> Result<(u64, Vec<String>), Error> {
+        let _gate = self.gate.lock().await;
         let patterns: Vec<&str> = self
             .engines
             .iter()
@@ -366,15 +426,54 @@ impl Freezer {
         }
         Ok(())
     }
-
-    pub fn frozen(&self) -> usize {
-        self.active.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An engine that takes a while to quiesce and records its release.
+    struct Slow(Arc<std::sync::atomic::AtomicBool>);
+    impl Engine for Slow {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn units(&self) -> &'static [&'static str] {
+            &[]
+        }
+        fn instances(&self) -> Option<Vec<String>> {
+            Some(vec!["one".into()])
+        }
+        fn freeze(&self, _: Vec<String>, _: Duration) -> EngineFuture<'_> {
+            let released = self.0.clone();
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok(Held::release(async move {
+                    released.store(true, Ordering::SeqCst);
+                }))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_freeze_whose_caller_went_away_is_still_ended_by_thaw_all() {
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = Freezer::new(
+            vec![Arc::new(Slow(released.clone()))],
+            SyncPolicy::HostSnapshotFlushes,
+        );
+        // The host's connection drops while the engine is still quiescing.
+        let cut =
+            tokio::time::timeout(Duration::from_millis(20), f.freeze(Duration::from_secs(60)));
+        assert!(cut.await.is_err());
+        // A restarted host ends it: thaw-all waits for the freeze under way.
+        assert_eq!(f.thaw_all().await, 1);
+        assert!(
+            released.load(Ordering::SeqCst),
+            "the engine was not released"
+        );
+        assert_eq!(f.frozen(), 0);
+    }
 
     #[tokio::test]
     async fn freeze_syncs_and_thaws_by_itself_when_the_host_vanishes() {
@@ -390,6 +489,11 @@ mod tests {
         );
         let (id, _) = f.freeze(Duration::from_secs(60)).await.unwrap();
         f.thaw(id).await.unwrap();
+        assert_eq!(f.frozen(), 0);
+        // A host that lost its freeze ids ends them all.
+        f.freeze(Duration::from_secs(60)).await.unwrap();
+        f.freeze(Duration::from_secs(60)).await.unwrap();
+        assert_eq!(f.thaw_all().await, 2);
         assert_eq!(f.frozen(), 0);
     }
 }

@@ -236,6 +236,10 @@ impl AgentClient {
         self.call_done(Request::Thaw { freeze_id }).await
     }
 
+    pub async fn thaw_all(&self) -> Result<()> {
+        self.call_done(Request::ThawAll).await
+    }
+
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecSession> {
         ExecSession::start(self.rpc().await?, Request::Exec(req)).await
     }
