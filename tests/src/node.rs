@@ -140,6 +140,20 @@ node = "e2e"
         }
     }
 
+    /// Runs `hearth ARGS` and SIGKILLs the daemon `delay` into it (the crash-only path);
+    /// returns once the command has ended. The daemon stays down.
+    pub fn kill_during(&mut self, args: &[&str], delay: Duration) {
+        let mut cmd = self
+            .command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run hearth");
+        std::thread::sleep(delay);
+        self.kill9();
+        let _ = cmd.wait();
+    }
+
     pub fn log_tail(&self) -> String {
         let t = std::fs::read_to_string(self.dir.join("hearthd.log")).unwrap_or_default();
         let lines: Vec<_> = t.lines().rev().take(30).collect();

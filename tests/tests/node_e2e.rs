@@ -348,15 +348,10 @@ fn node_end_to_end() {
         for round in 0..3 {
             let (code, _, _) = node.sh(&id1, "echo live > /root/marker");
             assert_eq!(code, 0);
-            let mut restore = node
-                .command(&["snapshots", "restore", &id1, "crash"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            std::thread::sleep(Duration::from_millis(delay_ms));
-            node.kill9();
-            let _ = restore.wait();
+            node.kill_during(
+                &["snapshots", "restore", &id1, "crash"],
+                Duration::from_millis(delay_ms),
+            );
             node.start_daemon();
             // The lost guests of the old bug died ~90 ms after the restart, once their
             // in-flight kill landed: give such a death time to happen before looking.
@@ -393,15 +388,10 @@ fn node_end_to_end() {
     let mut outcomes = std::collections::BTreeMap::new();
     for delay_ms in [0, 5, 15, 30, 60, 120] {
         for round in 0..2 {
-            let mut stop = node
-                .command(&["containers", "stop", &id1, "--force"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            std::thread::sleep(Duration::from_millis(delay_ms));
-            node.kill9();
-            let _ = stop.wait();
+            node.kill_during(
+                &["containers", "stop", &id1, "--force"],
+                Duration::from_millis(delay_ms),
+            );
             node.start_daemon();
             std::thread::sleep(Duration::from_millis(500));
             let what = format!("stop killed after {delay_ms} ms (round {round})");
@@ -604,15 +594,10 @@ fn node_end_to_end() {
     // Crash-only: SIGKILL hearthd in the middle of creates, restart, compare.
     for delay_ms in [0u64, 10, 25, 45, 70] {
         let name = format!("crash{delay_ms}");
-        let mut create = node
-            .command(&["containers", "create", "--name", &name])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        node.kill9();
-        let _ = create.wait();
+        node.kill_during(
+            &["containers", "create", "--name", &name],
+            Duration::from_millis(delay_ms),
+        );
         // Guests keep running while hearthd is down.
         let lxc = node.state_dir().join("lxc");
         let out = std::process::Command::new("lxc-info")

@@ -144,15 +144,10 @@ fn snapshots_of_running_databases_are_consistent() {
     // it is back, the half-made snapshot is gone and every database takes writes again
     // within seconds, not after the agent's own 30 s freeze timeout.
     for delay_ms in [5u64, 15, 25, 40, 60] {
-        let mut snap = node
-            .command(&["snapshots", "create", &id])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        node.kill9();
-        let _ = snap.wait();
+        node.kill_during(
+            &["snapshots", "create", &id],
+            Duration::from_millis(delay_ms),
+        );
         node.start_daemon();
         let what = format!("hearthd killed {delay_ms} ms into a snapshot");
         let before = dbload::parse_acked(&sh_ok(&node, &id, dbload::ACKED, "reading acks"))
