@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use std::time::Instant;
 
 pub struct SnapshotBenchOptions {
-    /// Snapshots taken (and raw floors); restores, branches and creates use up to 10.
+    /// Snapshots taken (and raw floors), and rounds of one restore, one branch and one
+    /// create each (a p50 of 10 moved by 10-20% between runs on a 2-core machine).
     pub n: usize,
     /// Also measure snapshots of a guest running PostgreSQL, MariaDB and Redis under
     /// write load (installs them from Debian's archive in the guest: ~40 s).
@@ -145,7 +146,7 @@ async fn measure(
     // that turns each round, each from a settled machine (the restored guest booted):
     // measured in blocks, whichever came after the others' deletes paid for btrfs's
     // cleaner and the previous boots, which flattered the first block.
-    let k = opts.n.min(10);
+    let k = opts.n;
     let (mut restore_ms, mut branch_ms, mut create_ms) = (Vec::new(), Vec::new(), Vec::new());
     for (i, name) in names.iter().take(k).enumerate() {
         for step in 0..3 {
