@@ -197,16 +197,19 @@ pub async fn snapshots(ctl: &ControlClient, cmd: SnapshotCmd, json: bool) -> any
                 .await?;
             print(json, &v, |v| {
                 println!(
-                    "{:<20} {:<20} {:<26} {:<10} EXPIRES",
+                    "{:<20} {:<20} {:<31} {:<10} EXPIRES",
                     "NAME", "ALIAS", "CREATED", "SIZE"
                 );
                 for sn in v["snapshots"].as_array().into_iter().flatten() {
                     println!(
-                        "{:<20} {:<20} {:<26} {:<10} {}",
+                        "{:<20} {:<20} {:<31} {:<10} {}",
                         s(sn, "name"),
                         s(sn, "alias"),
                         s(sn, "created_at"),
-                        sn["size"].as_u64().map(gib).unwrap_or_else(|| "-".into()),
+                        sn["size"]
+                            .as_u64()
+                            .map(human_bytes)
+                            .unwrap_or_else(|| "-".into()),
                         s(sn, "expires_at")
                     );
                 }
@@ -267,6 +270,15 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
 
 fn gib(b: u64) -> String {
     format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+/// A size in the largest unit that leaves at least 1 (KiB to GiB).
+fn human_bytes(b: u64) -> String {
+    match b {
+        _ if b >= 1 << 30 => gib(b),
+        _ if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        _ => format!("{:.1} KiB", b as f64 / 1024.0),
+    }
 }
 
 /// `disk` of a container view as `1.2 GiB used of 10.0 GiB` (or `unknown` when the
