@@ -848,9 +848,10 @@ impl Node {
     /// The restore itself, under the container's lock and the snapshot's mark.
     ///
     /// A running guest is abandoned rather than waited for: its init is sent SIGKILL,
-    /// the route to its address (through its veth, which LXC deletes later) and its
-    /// agent socket are removed at once, and the restored rootfs boots in the container's other runtime slot
-    /// while LXC's teardown of the old guest goes on beside it (see [`Node::lxc_name`]).
+    /// the route to its address (through its veth, which LXC deletes later) is removed
+    /// at once, and the restored rootfs boots in the container's other runtime slot
+    /// while LXC's teardown of the old guest goes on beside it (see [`Node::lxc_name`];
+    /// `boot` removes the old agent's socket before it starts the new guest).
     /// The writable copy of the snapshot is made meanwhile; the old slot's definition
     /// and the old tree are removed afterwards, under the container's lock, once the
     /// old guest is gone.
@@ -865,17 +866,10 @@ impl Node {
         let runtime = self.runtime.clone();
         let netcfg = self.cfg.network.clone();
         let old_veth = net::veth_name(&netcfg, &c.id, old);
-        let (ip, socket) = (c.ip, self.agent_socket(&c.id));
+        let ip = c.ip;
         let abandoned = blocking(move || {
             runtime.kill_begin(&old_name).map_err(internal)?;
-            net::links::drop_route(&netcfg, &old_veth, ip).map_err(internal)?;
-            // Nothing may reach the dying agent and take it for the restored one.
-            match std::fs::remove_file(&socket) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(internal(anyhow::anyhow!("{}: {e}", socket.display())))
-                }
-                _ => Ok(()),
-            }
+            net::links::drop_route(&netcfg, &old_veth, ip).map_err(internal)
         });
         let runtime = self.runtime.clone();
         let pool = self.pool.clone();

@@ -1,7 +1,8 @@
 //! Freezing the guest's disk state for a snapshot: each running database engine is
 //! asked to make its files consistent (the way that engine needs), then the file system
-//! is synced where the host cannot see the guest's page cache (see [`SyncPolicy`]). The freeze holds until the host thaws it, or until a deadline, so a host
-//! that dies mid-snapshot never leaves a database locked.
+//! is synced where the host cannot see the guest's page cache (see [`SyncPolicy`]).
+//! The freeze holds until the host thaws it, or until a deadline, so a host that dies
+//! mid-snapshot never leaves a database locked.
 //!
 //! Engines are plug-ins behind [`Engine`]: the service catalog adds more without
 //! touching this code.
@@ -205,6 +206,16 @@ struct Freeze {
     auto_thaw: tokio::task::AbortHandle,
 }
 
+impl Freeze {
+    /// Releases everything held, and the deadline that would have.
+    async fn end(self) {
+        self.auto_thaw.abort();
+        for h in self.held {
+            h.thaw().await;
+        }
+    }
+}
+
 /// Whether a freeze ends with `syncfs` of the guest's root file system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncPolicy {
@@ -288,10 +299,7 @@ impl Freezer {
             .collect();
         let n = all.len();
         for f in all {
-            f.auto_thaw.abort();
-            for h in f.held {
-                h.thaw().await;
-            }
+            f.end().await;
         }
         n
     }
@@ -420,10 +428,7 @@ impl Inner {
             .ok_or_else(|| {
                 Error::not_found(format!("no freeze {id} (already thawed or timed out)"))
             })?;
-        f.auto_thaw.abort();
-        for h in f.held {
-            h.thaw().await;
-        }
+        f.end().await;
         Ok(())
     }
 }
